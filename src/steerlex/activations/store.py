@@ -1,0 +1,241 @@
+"""A sharded on-disk store of residual-stream activations.
+
+Layout of a store directory::
+
+    index.json                 identity, model and layer, shard list with sha256
+    texts.jsonl                the harvested texts (id, source, text), in order
+    shard_00000.safetensors    activations [n, d], token_ids [n], text_index [n], position [n]
+    ...
+
+Shards and the index are written to temporary names and renamed into place, and
+a shard counts only once the index lists it, so a killed or disk-full run never
+leaves a half-written shard that a reader would use. The index holds no
+timestamps: the same inputs give a byte-identical store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from steerlex.errors import StoreError
+from steerlex.models.cache import atomic_path, sha256_file, write_json_atomic
+
+INDEX = "index.json"
+TEXTS = "texts.jsonl"
+FORMAT = "steerlex-activations"
+FORMAT_VERSION = 1
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    n_tokens: int
+    first_text: int
+    n_texts: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "n_tokens": self.n_tokens,
+            "first_text": self.first_text,
+            "n_texts": self.n_texts,
+            "sha256": self.sha256,
+        }
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write a shard atomically and return its sha256.
+
+    An OSError (disk full, permissions) removes the partial file and becomes a
+    StoreError that says finished shards are kept.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            digest = sha256_file(tmp)
+    except OSError as exc:
+        raise StoreError(
+            f"Writing {path.name} in {path.parent} failed ({exc.strerror or exc}). Free disk "
+            "space or choose another output directory; finished shards are kept and a rerun "
+            "with the same arguments resumes."
+        ) from exc
+    return digest
+
+
+def read_index(directory: Path) -> dict[str, Any] | None:
+    """The parsed index of a store directory, or None if it has none."""
+    path = directory / INDEX
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"The activation index {path} is unreadable ({exc}).") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a steerlex activation index.")
+    return data
+
+
+def write_index(directory: Path, index: dict[str, Any]) -> None:
+    write_json_atomic(directory / INDEX, index)
+
+
+class ActivationStore:
+    """Read access to a finished (or partial, if asked) activation store."""
+
+    def __init__(self, directory: Path, index: dict[str, Any]) -> None:
+        self.directory = directory
+        self.index = index
+        self.shards = [ShardInfo(**s) for s in index["shards"]]
+
+    @classmethod
+    def open(cls, directory: str | Path, *, allow_incomplete: bool = False) -> ActivationStore:
+        """Open the store in ``directory``; refuse an unfinished one unless allowed."""
+        path = Path(directory)
+        index = read_index(path)
+        if index is None:
+            raise StoreError(
+                f"No activation store in {path} (no {INDEX}); run `steerlex harvest --out {path}` first."
+            )
+        if not index["complete"] and not allow_incomplete:
+            done, total = len(index["shards"]), index["n_shards"]
+            raise StoreError(
+                f"The activation store in {path} is unfinished ({done} of {total} shards); "
+                "rerun the same `steerlex harvest` command to resume it."
+            )
+        return cls(path, index)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.index["d_model"])
+
+    @property
+    def layer(self) -> int:
+        return int(self.index["model"]["layer"])
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.index["dtype"]]
+
+    def texts(self) -> list[dict[str, str]]:
+        """The harvested texts in order: dicts with id, source and text."""
+        with (self.directory / TEXTS).open() as f:
+            return [json.loads(line) for line in f]
+
+    def load_shard(self, i: int) -> dict[str, torch.Tensor]:
+        """Tensors of shard ``i``: activations, token_ids, text_index, position."""
+        info = self.shards[i]
+        path = self.directory / info.file
+        try:
+            return load_file(str(path))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            raise StoreError(
+                f"Shard {path} is missing or damaged ({exc}); run `steerlex harvest` with the "
+                "same arguments to rebuild it."
+            ) from exc
+
+    def verify(self) -> list[str]:
+        """Files whose sha256 does not match the index (empty when all are sound)."""
+        bad = []
+        for info in self.shards:
+            path = self.directory / info.file
+            if not path.is_file() or sha256_file(path) != info.sha256:
+                bad.append(info.file)
+        return bad
+
+    def activations(self, max_tokens: int | None = None) -> torch.Tensor:
+        """All activations (or the first ``max_tokens``) as one [n, d] tensor."""
+        parts: list[torch.Tensor] = []
+        total = 0
+        for i in range(len(self.shards)):
+            acts = self.load_shard(i)["activations"]
+            parts.append(acts)
+            total += acts.shape[0]
+            if max_tokens is not None and total >= max_tokens:
+                break
+        if not parts:
+            return torch.empty(0, self.d_model, dtype=self.dtype)
+        out = torch.cat(parts)
+        return out if max_tokens is None else out[:max_tokens]
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        shards_in_memory: int = 4,
+        drop_last: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield [batch_size, d] activation batches covering the store once.
+
+        With ``shuffle`` the shard order is permuted and tokens are mixed within a
+        window of ``shards_in_memory`` shards, so memory stays bounded while
+        neighbouring tokens of one text are spread apart. The order is a pure
+        function of ``seed``. The last batch may be short unless ``drop_last``.
+        """
+        if batch_size < 1:
+            raise StoreError(f"batch_size must be at least 1, got {batch_size}.")
+        gen = torch.Generator().manual_seed(seed)
+        order = (
+            torch.randperm(len(self.shards), generator=gen).tolist()
+            if shuffle
+            else list(range(len(self.shards)))
+        )
+        carry = torch.empty(0, self.d_model, dtype=dtype or self.dtype)
+        for start in range(0, len(order), max(1, shards_in_memory)):
+            window = [
+                self.load_shard(i)["activations"] for i in order[start : start + shards_in_memory]
+            ]
+            block = torch.cat(window)
+            if dtype is not None:
+                block = block.to(dtype)
+            if shuffle:
+                block = block[torch.randperm(block.shape[0], generator=gen)]
+            block = torch.cat([carry, block])
+            n_full = block.shape[0] // batch_size
+            for b in range(n_full):
+                yield block[b * batch_size : (b + 1) * batch_size]
+            carry = block[n_full * batch_size :]
+        if carry.shape[0] and not drop_last:
+            yield carry
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and sizes for printing."""
+        size = sum((self.directory / s.file).stat().st_size for s in self.shards)
+        return {
+            "directory": str(self.directory),
+            "model": self.index["model"]["spec"],
+            "layer": self.layer,
+            "hook_name": self.index["model"]["hook_name"],
+            "d_model": self.d_model,
+            "dtype": self.index["dtype"],
+            "n_texts": self.index["n_texts"],
+            "n_tokens": self.n_tokens,
+            "n_shards": len(self.shards),
+            "bytes": size,
+            "complete": self.index["complete"],
+        }

@@ -1,0 +1,10 @@
+"""Text and prompt sources: named offline sets, local files and Hugging Face datasets.
+
+Use :func:`load_texts` for any source and :func:`named_sets` to list the named ones.
+"""
+
+from steerlex.data.named import NamedSetInfo, named_sets
+from steerlex.data.sources import load_texts
+from steerlex.data.textset import TextItem, TextSet
+
+__all__ = ["NamedSetInfo", "TextItem", "TextSet", "load_texts", "named_sets"]

@@ -1,0 +1,137 @@
+"""Chat formatting through the tokenizer's own chat template, and token-position masks.
+
+:func:`encode_prompt` tokenizes one user message (chat-formatted or raw) and tells,
+for every token, whether it belongs to the template prefix (BOS, system prompt,
+role header), to the user's own text, or to what follows it (end-of-turn and the
+assistant header). Harvesting uses that to leave out template positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from steerlex.errors import SteerlexError
+
+_SENTINEL = "\u2063STEERLEX\u2063"
+
+Keep = Literal["all", "no-bos", "no-prefix", "content"]
+KEEP_CHOICES: tuple[Keep, ...] = ("all", "no-bos", "no-prefix", "content")
+"""Which token positions to keep:
+
+- ``all``: every real (non-pad) token;
+- ``no-bos``: all but a leading BOS/special token at position 0;
+- ``no-prefix``: drop everything before the user's text (BOS, system prompt, role
+  header) and keep the user's text and the template tokens after it;
+- ``content``: only the user's text.
+"""
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_text(
+    tokenizer: Any,
+    user: str,
+    *,
+    system_prompt: str | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    """Format one user turn (and an optional system prompt) with the chat template."""
+    if not has_chat_template(tokenizer):
+        raise SteerlexError(
+            "This tokenizer has no chat template, so it cannot format chat messages; "
+            "use raw text (--no-chat) or a chat model."
+        )
+    messages = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": user})
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return str(text)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of one prompt and where the user's text lies among them.
+
+    ``content_start``/``content_end`` are token indices: tokens in
+    ``[content_start, content_end)`` overlap the user's text.
+    """
+
+    input_ids: list[int]
+    content_start: int
+    content_end: int
+
+    def keep_positions(self, keep: Keep, special_ids: set[int]) -> list[int]:
+        """Token positions to keep under the ``keep`` rule."""
+        n = len(self.input_ids)
+        if keep == "all":
+            return list(range(n))
+        if keep == "no-bos":
+            start = 1 if n and self.input_ids[0] in special_ids else 0
+            return list(range(start, n))
+        if keep == "no-prefix":
+            return list(range(self.content_start, n))
+        if keep == "content":
+            return list(range(self.content_start, self.content_end))
+        raise SteerlexError(f"Unknown keep rule '{keep}'; use one of {', '.join(KEEP_CHOICES)}.")
+
+
+def encode_prompt(
+    tokenizer: Any,
+    text: str,
+    *,
+    chat: bool,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+) -> EncodedPrompt:
+    """Tokenize ``text`` (wrapped in the chat template when ``chat``) and locate it.
+
+    A prompt longer than ``max_length`` tokens keeps its first ``max_length``
+    tokens: the template prefix survives and the tail (possibly including the
+    end-of-turn and assistant header) is cut.
+    """
+    if chat:
+        formatted = chat_text(tokenizer, text, system_prompt=system_prompt)
+        start_char = _content_offset(tokenizer, formatted, text, system_prompt)
+        enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        formatted = text
+        start_char = 0
+        enc = tokenizer(formatted, add_special_tokens=True, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+    end_char = start_char + len(text)
+    first = next(
+        (i for i, (s, e) in enumerate(offsets) if e > start_char and s < end_char and e > s),
+        len(ids),
+    )
+    last = max(
+        (i + 1 for i, (s, e) in enumerate(offsets) if e > start_char and s < end_char and e > s),
+        default=first,
+    )
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[:max_length]
+        first, last = min(first, max_length), min(last, max_length)
+    return EncodedPrompt(ids, first, last)
+
+
+def _content_offset(tokenizer: Any, formatted: str, text: str, system_prompt: str | None) -> int:
+    """Character offset of the user's text inside the formatted chat string."""
+    probe = chat_text(tokenizer, _SENTINEL, system_prompt=system_prompt)
+    pos = probe.find(_SENTINEL)
+    if pos >= 0 and formatted.startswith(probe[:pos]) and formatted[pos:].startswith(text):
+        return pos
+    # The template rewrote the content (e.g. stripped it): search after the prefix.
+    found = formatted.find(text.strip(), max(pos, 0))
+    if found < 0:
+        raise SteerlexError(
+            "Could not locate the user's text inside the chat-formatted prompt; "
+            "use --keep all with this tokenizer."
+        )
+    return found
