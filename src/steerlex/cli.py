@@ -150,7 +150,13 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     )
     options.validate()
     t0 = time.perf_counter()
-    loaded = load_model(args.model, dtype=args.model_dtype, device=args.device)
+    auto = args.device == "auto"
+    loaded = load_model(
+        args.model,
+        dtype=args.model_dtype,
+        device=None if auto else args.device,
+        device_map="auto" if auto else None,
+    )
     check_layer(loaded.model, args.layer)
     print(
         f"model {loaded.spec} loaded in {time.perf_counter() - t0:.1f}s ({loaded.source})",
@@ -253,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-dtype", default="float32", help="model dtype: float32, float16, bfloat16"
     )
     p.add_argument(
-        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)"
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu, cuda, cuda:1, or auto to spread the model over GPUs (default cpu)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
