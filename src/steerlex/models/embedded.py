@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,11 @@ def ensure_converted(
     with FileLock(str(final) + ".lock"):
         if (final / MARKER).is_file():
             return final
+        print(
+            f"steerlex: first use of {source_note}: joining, verifying sha256 and converting to "
+            f"safetensors in {final} (a minute or so for 0.5B parameters; later loads take seconds)",
+            file=sys.stderr,
+        )
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
