@@ -216,7 +216,7 @@ class TopKSAE(nn.Module):
     def normalize_decoder(self) -> None:
         """Scale free decoder rows to unit norm (no-op for tied SAEs)."""
         if self.W_dec_free is not None:
-            self.W_dec_free /= self.W_dec_free.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            self.W_dec_free.div_(self.W_dec_free.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
