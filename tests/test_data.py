@@ -449,3 +449,18 @@ def test_hf_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SourceError, match=r"'org/ds'.*refused.*HF_HUB_OFFLINE=1"):
         load_texts("hf:org/ds:train")
     assert calls == []
+
+
+def test_hash_split_is_stable_and_disjoint() -> None:
+    from steerlex.data.split import select_split
+
+    items = list(load_texts("benign").items)
+    train = select_split(items, "train", 0.2)
+    held = select_split(items, "heldout", 0.2)
+    assert {i.id for i in train}.isdisjoint({i.id for i in held})
+    assert len(train) + len(held) == len(items)
+    assert 0.1 < len(held) / len(items) < 0.3
+    # an item's part does not depend on the other items
+    assert select_split(items[:50], "heldout", 0.2) == [i for i in held if i in items[:50]]
+    with pytest.raises(SourceError, match="between 0 and 1"):
+        select_split(items, "train", 1.5)

@@ -127,6 +127,7 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     from steerlex.activations.harvest import HarvestOptions, harvest
     from steerlex.activations.stats import activation_stats
     from steerlex.data import load_texts
+    from steerlex.data.split import select_split
     from steerlex.models.hooks import check_layer
     from steerlex.models.loading import load_model
 
@@ -138,6 +139,12 @@ def cmd_harvest(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         items.extend(text_set.items)
+    if args.split != "all":
+        items = select_split(items, args.split, args.heldout_fraction)
+        print(
+            f"split {args.split} (held-out fraction {args.heldout_fraction}, by text id): {len(items)} texts",
+            file=sys.stderr,
+        )
     options = HarvestOptions(
         layer=args.layer,
         chat=args.chat,
@@ -170,6 +177,132 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     summary.update(activation_stats(store))
     print(json.dumps(summary, indent=2) if args.json else _format_summary(summary))
     return 0
+
+
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from steerlex.activations.store import ActivationStore
+    from steerlex.sae.train import TrainConfig, train_sae
+
+    options = {f: getattr(args, f) for f in _train_fields()}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = options["device"].startswith("cuda")
+        if cuda:
+            options["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    try:
+        cfg = TrainConfig.from_dict(options)
+        store = ActivationStore.open(args.activations)
+        t0 = time.perf_counter()
+        sae = train_sae(store, cfg, args.out, progress=not args.quiet)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"Trained a TopK SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}, k {sae.cfg.k}) on "
+            f"{store.n_tokens:,} stored tokens of {store.index['model']['spec']} layer {store.layer} "
+            f"in {time.perf_counter() - t0:.0f}s; saved to {args.out} (training log: {args.out}/train_log.jsonl)"
+        )
+    return 0
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def cmd_eval_sae(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from steerlex.activations.store import ActivationStore
+    from steerlex.models.loading import load_model
+    from steerlex.sae.evaluate import evaluate_sae
+    from steerlex.sae.formats import load_sae
+
+    sae = load_sae(args.sae, device=args.device)
+    store = ActivationStore.open(args.activations)
+    loaded = None
+    if not args.no_lm:
+        loaded = load_model(args.model or store.index["model"]["spec"], device=args.device)
+    out = Path(args.out) if args.out else Path(args.sae) / "eval"
+    result = evaluate_sae(
+        sae,
+        store,
+        out,
+        loaded=loaded,
+        max_lm_texts=args.max_lm_texts,
+        max_tokens=args.max_tokens,
+        lm_batch_size=args.lm_batch_size,
+        dense_threshold=args.dense_threshold,
+        progress=not args.quiet,
+    )
+    act, spl = result["activation"], result["spliced"]
+    lines = [
+        f"held-out tokens {act['n_tokens']:,}: NMSE {act['nmse']:.4f}, FVE {act['fve']:.4f}, "
+        f"L0 {act['l0']:.1f}, dead {act['dead_fraction']:.2%}, dense {act['dense_fraction']:.2%}",
+    ]
+    if spl:
+        lines.append(
+            f"next-token CE on {spl['n_tokens']:,} tokens of {spl['n_texts']} texts: clean {spl['ce_clean']:.4f}, "
+            f"SAE {spl['ce_sae']:.4f}, zero {spl['ce_zero']:.4f}, mean {_num(spl['ce_mean'], '.4f')}; loss "
+            f"recovered {_num(spl['loss_recovered_zero'], '.1f')}% (vs zero), "
+            f"{_num(spl['loss_recovered_mean'], '.1f')}% (vs mean)"
+        )
+    lines.append(f"written to {out}/eval.json")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_sae_convert(args: argparse.Namespace) -> int:
+    from steerlex.sae.formats import convert_sae
+
+    path = convert_sae(
+        args.src, args.dst, to=args.to, k=args.k, overwrite=args.overwrite, dtype=args.dtype
+    )
+    print(f"wrote {args.to} SAE to {path}")
+    return 0
+
+
+def _train_fields() -> dict[str, tuple[type, Any, str]]:
+    """TrainConfig fields as CLI options: name -> (type, default, help)."""
+    from dataclasses import fields
+
+    from steerlex.sae.train import TrainConfig
+
+    helps = {
+        "d_sae": "number of latents",
+        "k": "active latents per token",
+        "k_start": "anneal k linearly from this value (paper: 200 -> 20)",
+        "k_anneal_steps": "steps over which k is annealed",
+        "tied": "tie the decoder to the encoder (the paper's variant)",
+        "b_dec_init": "decoder bias init: mean, geometric_median or zeros",
+        "normalize_activations": "scale inputs to mean squared norm d_in (stored in the SAE)",
+        "lr": "Adam learning rate",
+        "warmup_steps": "linear warm-up steps",
+        "decay_fraction": "share of steps at the end with linear decay to 0",
+        "batch_size": "tokens per optimizer step (all processes together)",
+        "tokens": "training tokens (default: one pass over the store)",
+        "auxk_coef": "weight of the AuxK loss for dead latents",
+        "auxk_k": "latents used by AuxK (default d_in / 2)",
+        "dead_tokens": "a latent is dead after this many tokens without firing",
+        "seed": "random seed",
+        "streams": "data streams (set by torchrun to the number of processes)",
+        "shards_in_memory": "shards mixed in memory when shuffling",
+        "init_sample_tokens": "tokens used to set b_dec, the scale and the variance",
+        "checkpoint_every": "steps between checkpoints",
+        "log_every": "steps between log lines",
+        "device": "torch device",
+    }
+    types = {"k_start": int, "tokens": int, "auxk_k": int}
+    out = {}
+    for f in fields(TrainConfig):
+        default = f.default
+        out[f.name] = (types.get(f.name, type(default)), default, helps.get(f.name, ""))
+    return out
 
 
 def _format_summary(s: dict[str, Any]) -> str:
@@ -221,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="named set (see `steerlex sources`), a local file, or hf:DATASET[:CONFIG]:SPLIT; repeatable",
     )
     p.add_argument("--column", help="column/field holding the text in csv/jsonl/json/hf sources")
+    p.add_argument(
+        "--split",
+        choices=("all", "train", "heldout"),
+        default="all",
+        help="keep only the train or held-out part of the texts (fixed by a hash of each text id)",
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.1,
+        help="share of texts in the held-out part (default 0.1)",
+    )
     p.add_argument("--limit", type=int, help="use at most the first N texts of each source")
     p.add_argument(
         "--out", required=True, help="store directory (created; resumed if it holds the same run)"
@@ -266,6 +411,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_harvest)
+
+    p = sub.add_parser(
+        "train-sae",
+        help="train a TopK SAE on an activation store (data-parallel under torchrun)",
+        description="Train a TopK SAE. Multi-process: torchrun --nproc_per_node N -m steerlex.cli train-sae ...",
+    )
+    p.add_argument(
+        "--activations", required=True, help="activation store directory (from `steerlex harvest`)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory: SAE (SAELens layout), log, checkpoints"
+    )
+    for name, (typ, default, text) in _train_fields().items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            p.add_argument(flag, type=typ, default=default, help=f"{text} (default {default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_sae)
+
+    p = sub.add_parser(
+        "eval-sae", help="evaluate an SAE on held-out activations and by splicing it into the model"
+    )
+    p.add_argument(
+        "--sae", required=True, help="SAE directory (SAELens layout, sparsify, or a .pth)"
+    )
+    p.add_argument("--activations", required=True, help="held-out activation store")
+    p.add_argument("--model", help="model spec for the spliced loss (default: the store's model)")
+    p.add_argument("--no-lm", action="store_true", help="skip the spliced language-model loss")
+    p.add_argument(
+        "--max-lm-texts",
+        type=int,
+        default=64,
+        help="held-out texts for the spliced loss (default 64)",
+    )
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many stored tokens")
+    p.add_argument(
+        "--lm-batch-size", type=int, default=4, help="texts per forward pass (default 4)"
+    )
+    p.add_argument(
+        "--dense-threshold", type=float, default=0.1, help="a latent firing on more tokens is dense"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", help="output directory (default SAE_DIR/eval)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval_sae)
+
+    sae_cmd = sub.add_parser("sae", help="SAE file utilities")
+    sae_sub = sae_cmd.add_subparsers(dest="sae_command", required=True, metavar="SUBCOMMAND")
+    p = sae_sub.add_parser(
+        "convert",
+        help="convert an SAE between formats (SAELens layout, eai-sparsify, the paper's .pth)",
+    )
+    p.add_argument("src", help="SAE directory or .pth file (format detected)")
+    p.add_argument("dst", help="output directory")
+    p.add_argument(
+        "--to",
+        choices=("saelens", "sparsify"),
+        default="saelens",
+        help="output format (default saelens)",
+    )
+    p.add_argument("--k", type=int, help="k for a TopK .pth that does not record it")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different SAE already at DST"
+    )
+    p.add_argument("--dtype", help="output dtype (default: keep)")
+    p.set_defaults(func=cmd_sae_convert)
     return parser
 
 

@@ -16,7 +16,7 @@ timestamps: the same inputs give a byte-identical store.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,8 +189,9 @@ class ActivationStore:
         shards_in_memory: int = 4,
         drop_last: bool = False,
         dtype: torch.dtype | None = None,
+        shards: Sequence[int] | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield [batch_size, d] activation batches covering the store once.
+        """Yield [batch_size, d] activation batches covering the store (or ``shards``) once.
 
         With ``shuffle`` the shard order is permuted and tokens are mixed within a
         window of ``shards_in_memory`` shards, so memory stays bounded while
@@ -199,11 +200,12 @@ class ActivationStore:
         """
         if batch_size < 1:
             raise StoreError(f"batch_size must be at least 1, got {batch_size}.")
+        chosen = list(range(len(self.shards))) if shards is None else list(shards)
         gen = torch.Generator().manual_seed(seed)
         order = (
-            torch.randperm(len(self.shards), generator=gen).tolist()
+            [chosen[i] for i in torch.randperm(len(chosen), generator=gen).tolist()]
             if shuffle
-            else list(range(len(self.shards)))
+            else chosen
         )
         carry = torch.empty(0, self.d_model, dtype=dtype or self.dtype)
         for start in range(0, len(order), max(1, shards_in_memory)):
@@ -239,3 +241,74 @@ class ActivationStore:
             "bytes": size,
             "complete": self.index["complete"],
         }
+
+
+def create_store(
+    directory: str | Path,
+    shards: Sequence[torch.Tensor],
+    *,
+    model_spec: str = "unknown",
+    weights_id: str = "unknown",
+    layer: int = 0,
+    hook_name: str = "unknown",
+    dtype: str = "float32",
+) -> ActivationStore:
+    """Write activations you already have (one ``[n_i, d]`` tensor per shard) as a store.
+
+    For bringing your own activations and for tests. Token ids and positions are
+    unknown (-1); texts.jsonl is empty.
+    """
+    path = Path(directory)
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(f"{path} is not empty; choose a new directory for the store.")
+    if not shards:
+        raise StoreError("create_store needs at least one shard.")
+    d = shards[0].shape[-1]
+    if any(s.ndim != 2 or s.shape[1] != d for s in shards):
+        raise StoreError(
+            f"Every shard must be a [n, {d}] tensor; got {[tuple(s.shape) for s in shards]}."
+        )
+    if dtype not in STORAGE_DTYPES:
+        raise StoreError(
+            f"Unknown storage dtype '{dtype}'; use one of {', '.join(STORAGE_DTYPES)}."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / TEXTS).write_text("")
+    infos = []
+    for i, acts in enumerate(shards):
+        n = acts.shape[0]
+        minus = torch.full((n,), -1, dtype=torch.int32)
+        tensors = {
+            "activations": acts.to(STORAGE_DTYPES[dtype]),
+            "token_ids": minus,
+            "text_index": minus.clone(),
+            "position": minus.clone(),
+        }
+        digest = write_shard(path / shard_name(i), tensors)
+        infos.append(ShardInfo(shard_name(i), n, 0, 0, digest).to_json())
+    index = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "identity": {
+            "model_spec": model_spec,
+            "weights_id": weights_id,
+            "layer": layer,
+            "source": "create_store",
+        },
+        "model": {
+            "spec": model_spec,
+            "weights_id": weights_id,
+            "architecture": "unknown",
+            "layer": layer,
+            "hook_name": hook_name,
+        },
+        "d_model": d,
+        "dtype": dtype,
+        "n_texts": 0,
+        "n_shards": len(shards),
+        "shards": infos,
+        "n_tokens": sum(s.shape[0] for s in shards),
+        "complete": True,
+    }
+    write_index(path, index)
+    return ActivationStore.open(path)
