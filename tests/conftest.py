@@ -68,6 +68,19 @@ WORDS = [
     "three",
     "four",
 ]
+SENTENCES = [
+    "tell me a short story about the cat",
+    "write a poem about rain",
+    "how can you help me with python code",
+    "explain why the sun is hot",
+    "what is a tree",
+    "make a list of one two three four",
+    "who wrote the book about the dog and the car",
+    "please explain music",
+    "water",
+    "why is the night long and the day short when the sun is on the house",
+]
+
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "[BOS]{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SENTENCES
 from steerlex.activations import ActivationStore, HarvestOptions, harvest
 from steerlex.activations import store as store_mod
 from steerlex.errors import StoreError
@@ -24,18 +25,6 @@ class Item:
     source: str = "test"
 
 
-SENTENCES = [
-    "tell me a short story about the cat",
-    "write a poem about rain",
-    "how can you help me with python code",
-    "explain why the sun is hot",
-    "what is a tree",
-    "make a list of one two three four",
-    "who wrote the book about the dog and the car",
-    "please explain music",
-    "water",
-    "why is the night long and the day short when the sun is on the house",
-]
 TEXTS = [Item(s, f"t{i}") for i, s in enumerate(SENTENCES * 2)]
 OPTS = HarvestOptions(layer=1, batch_size=3, texts_per_shard=4)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import SENTENCES, make_tiny_llama, make_tokenizer
 from steerlex.activations import ActivationStore, HarvestOptions, harvest
 from steerlex.activations import store as store_mod
 from steerlex.errors import SteerlexError
@@ -28,18 +28,6 @@ from steerlex.sae.evaluate import (
 )
 from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
 
-SENTENCES = [
-    "tell me a short story about the cat",
-    "write a poem about rain",
-    "how can you help me with python code",
-    "explain why the sun is hot",
-    "what is a tree",
-    "make a list of one two three four",
-    "who wrote the book about the dog and the car",
-    "please explain music",
-    "water",
-    "why is the night long and the day short when the sun is on the house",
-]
 LAYER = 1
 D = 32  # tiny Llama width
 

@@ -649,7 +649,7 @@ def evaluate_sae(
 
     Runs :func:`activation_metrics` on ``store``; then, when ``loaded`` is given,
     :func:`spliced_lm_loss` at the store's layer on ``lm_texts`` (default: the store's own
-    texts, the first ``max_lm_texts`` of them), formatted with the store's harvest settings
+    texts, ``max_lm_texts`` of them evenly spaced), formatted with the store's harvest settings
     (chat, system prompt, keep rule, max length), mean-ablating with the store's mean
     activation. Writes into ``out_dir``:
 
@@ -703,8 +703,9 @@ def evaluate_sae(
                 "The store records no harvest settings (chat, keep, max_length); the spliced "
                 "loss used chat=tokenizer default, keep='no-prefix', max_length=512."
             )
-        if max_lm_texts is not None:
-            texts = texts[:max_lm_texts]
+        if max_lm_texts is not None and len(texts) > max_lm_texts:
+            # evenly spaced, so every source in the store is represented
+            texts = [texts[(i * len(texts)) // max_lm_texts] for i in range(max_lm_texts)]
         spliced = spliced_lm_loss(
             loaded,
             sae,

@@ -17,13 +17,14 @@ can be loaded and used; steerlex trains only "topk".
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from steerlex.configs import from_dict_strict
 from steerlex.errors import SteerlexError
 
 Architecture = Literal["topk", "relu", "jumprelu"]
@@ -79,11 +80,7 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SAEError(f"Unknown SAE config keys {unknown}; known keys are {sorted(names)}.")
-        return cls(**data)
+        return from_dict_strict(cls, data, "SAE config keys", SAEError)
 
 
 class TopKSAE(nn.Module):
@@ -146,6 +143,20 @@ class TopKSAE(nn.Module):
         if self.cfg.apply_b_dec_to_input:
             h = h - self.b_dec
         return h @ self.W_enc + self.b_enc
+
+    def pre_acts_at(self, x: Tensor, indices: Tensor) -> Tensor:
+        """Pre-activations of the latents ``indices [N, m]`` only, for rows ``x [N, d_in]``.
+
+        Equals ``pre_acts(x).gather(-1, indices)`` but gathers the ``m`` encoder columns
+        each row needs, so its backward pass costs ``N * m * d_in`` instead of a dense
+        ``N * d_sae * d_in`` product (training uses it after a no-grad top-k).
+        """
+        self._check_input(x)
+        h = x.to(self.W_enc.dtype) * self.cfg.norm_scale
+        if self.cfg.apply_b_dec_to_input:
+            h = h - self.b_dec
+        columns = F.embedding(indices, self.W_enc.T)  # [N, m, d_in]
+        return torch.bmm(columns, h.unsqueeze(-1)).squeeze(-1) + self.b_enc[indices]
 
     def encode_topk(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
         """The ``k`` largest latents per row: ``(values [..., k] >= 0, indices [..., k])``.

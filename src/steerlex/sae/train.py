@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 import steerlex
 from steerlex.activations.store import ActivationStore
+from steerlex.configs import from_dict_strict
 from steerlex.models.cache import atomic_path, write_json_atomic
 from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
 
@@ -98,11 +99,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SAEError(f"Unknown training options {unknown}; known: {sorted(names)}.")
-        return cls(**data)
+        return from_dict_strict(cls, data, "training options", SAEError)
 
 
 # --- data --------------------------------------------------------------------------
@@ -408,9 +405,13 @@ def _train_step(
     auxk_k: int,
     world: int,
 ) -> dict[str, float]:
-    pre = sae.pre_acts(x)
-    top = torch.topk(pre, k, dim=-1, sorted=False)
-    values = torch.relu(top.values)
+    # Choose the latents without autograd (the dense [batch, d_sae] product is the big
+    # cost), then recompute only the chosen pre-activations with gradients: the backward
+    # pass through the encoder becomes sparse.
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        top = torch.topk(pre, k, dim=-1, sorted=False)
+    values = torch.relu(sae.pre_acts_at(x, top.indices))
     recon = sae.decode_topk(values, top.indices)
     err = x - recon
     sq = err.pow(2).sum(-1)
@@ -427,9 +428,10 @@ def _train_step(
     aux = torch.zeros((), device=x.device)
     n_dead = int(dead.sum())
     if cfg.auxk_coef > 0 and n_dead > 0:
-        masked = pre.masked_fill(~dead, float("-inf"))
-        atop = torch.topk(masked, min(auxk_k, n_dead), dim=-1, sorted=False)
-        avals = torch.relu(atop.values)
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead, float("-inf"))
+            atop = torch.topk(masked, min(auxk_k, n_dead), dim=-1, sorted=False)
+        avals = torch.relu(sae.pre_acts_at(x, atop.indices))
         ahat = sae.decode_topk(avals, atop.indices) - sae.b_dec / sae.cfg.norm_scale
         target = err.detach()
         norm = _all_reduce_sum(torch.stack([target.pow(2).sum(), torch.tensor(float(x.shape[0]))]))
