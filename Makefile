@@ -14,11 +14,15 @@ install:
 install-test:
 	bash scripts/install.sh --test
 
+SOURCES := --source benign --source harmbench --source jailbreak-wild --limit 64
+
 run: install
 	$(VENV)/steerlex info $(MODEL)
-	$(VENV)/steerlex harvest --model $(MODEL) --layer $(LAYER) \
-		--source benign --source harmbench --source jailbreak-wild --limit 64 \
-		--out $(RUN)/activations
+	$(VENV)/steerlex harvest --model $(MODEL) --layer $(LAYER) $(SOURCES) --split train --out $(RUN)/acts-train
+	$(VENV)/steerlex harvest --model $(MODEL) --layer $(LAYER) $(SOURCES) --split heldout --out $(RUN)/acts-heldout
+	$(VENV)/steerlex train-sae --activations $(RUN)/acts-train --out $(RUN)/sae --d-sae 2048 --k 32 \
+		--tokens 131072 --lr 2e-3 --warmup-steps 25
+	$(VENV)/steerlex eval-sae --sae $(RUN)/sae --activations $(RUN)/acts-heldout --max-lm-texts 16
 
 lint:
 	$(VENV)/ruff check src tests benchmarks

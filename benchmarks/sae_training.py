@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from steerlex.activations.store import ActivationStore
 
 RESULTS = Path(__file__).parent / "results" / "sae_training.json"
-METHODS = ("steerlex", "sparsify", "sparsify-adam")
+METHODS = ("steerlex", "steerlex-short", "sparsify", "sparsify-adam")
 REAL_DEFAULTS = {"d_sae": 4096, "k": 32, "batch_size": 1024, "tokens": 262_144}
 SYNTHETIC_DEFAULTS = {"d_sae": 512, "k": 16, "batch_size": 256, "tokens": 65_536}
 SCALAR_METRICS = ("n_tokens", "nmse", "fve", "mse", "variance", "l0", "n_dead", "dead_fraction")
@@ -143,6 +143,7 @@ def train_steerlex(
         tokens=steps * cfg["batch_size"],
         seed=cfg["seed"],
         checkpoint_every=steps + 1,  # only the final checkpoint, like the sparsify side
+        **{key: cfg[key] for key in ("lr", "warmup_steps") if key in cfg},
     )
     sae = train_mod.train_sae(store, tcfg, out_dir, progress=False)
     logged = [
@@ -348,7 +349,9 @@ def worker(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     marks: dict[str, float] = {}
     rss_before = _maxrss_mib()
     t0 = time.perf_counter()
-    if method == "steerlex":
+    if method.startswith("steerlex"):
+        if method == "steerlex-short":  # a short-budget setting: higher lr, short warm-up
+            cfg = {**cfg, "lr": 2e-3, "warmup_steps": 25}
         sae_dir, own_sae, extra = train_steerlex(store, cfg, out_dir, marks)
     else:
         optimizer = "adam" if method == "sparsify-adam" else "signum"
@@ -486,7 +489,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default="steerlex,sparsify", help=f"from {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default="steerlex,steerlex-short,sparsify", help=f"from {', '.join(METHODS)}"
+    )
     parser.add_argument("--sparsify-adam-warmup", type=int, default=1000, help="sparsify's default")
     parser.add_argument("--sparsify-auxk-alpha", type=float, default=0.0, help="sparsify's default")
     parser.add_argument("--eval-tokens", type=int, help="score only the first N held-out tokens")

@@ -138,20 +138,3 @@ def test_width_mismatch_names_both() -> None:
         sae.encode(torch.randn(2, 576))
     with pytest.raises(SAEError, match="Unknown SAE config keys"):
         SAEConfig.from_dict({"d_in": 2, "d_sae": 4, "bogus": 1})
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_pre_acts_at_matches_dense_and_its_gradient(tied: bool) -> None:
-    sae = make(tied, 1.7)
-    x = torch.randn(12, 16)
-    idx = torch.randint(0, 64, (12, 5))
-    sparse = sae.pre_acts_at(x, idx)
-    dense = sae.pre_acts(x).gather(-1, idx)
-    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(sparse)
-    grads_sparse = torch.autograd.grad((sparse * g).sum(), [sae.W_enc, sae.b_enc, sae.b_dec])
-    grads_dense = torch.autograd.grad(
-        (sae.pre_acts(x).gather(-1, idx) * g).sum(), [sae.W_enc, sae.b_enc, sae.b_dec]
-    )
-    for a, b in zip(grads_sparse, grads_dense, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

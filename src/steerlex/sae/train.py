@@ -290,7 +290,9 @@ def train_sae(
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
         sae.b_dec.copy_(stats.b_dec.to(device))
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    # fused Adam: one kernel over all parameters (about 20% of a CPU step is the optimizer)
+    fused = device.type in ("cpu", "cuda")
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
 
@@ -405,13 +407,9 @@ def _train_step(
     auxk_k: int,
     world: int,
 ) -> dict[str, float]:
-    # Choose the latents without autograd (the dense [batch, d_sae] product is the big
-    # cost), then recompute only the chosen pre-activations with gradients: the backward
-    # pass through the encoder becomes sparse.
-    with torch.no_grad():
-        pre = sae.pre_acts(x)
-        top = torch.topk(pre, k, dim=-1, sorted=False)
-    values = torch.relu(sae.pre_acts_at(x, top.indices))
+    pre = sae.pre_acts(x)
+    top = torch.topk(pre, k, dim=-1, sorted=False)
+    values = torch.relu(top.values)
     recon = sae.decode_topk(values, top.indices)
     err = x - recon
     sq = err.pow(2).sum(-1)
@@ -428,10 +426,9 @@ def _train_step(
     aux = torch.zeros((), device=x.device)
     n_dead = int(dead.sum())
     if cfg.auxk_coef > 0 and n_dead > 0:
-        with torch.no_grad():
-            masked = pre.masked_fill(~dead, float("-inf"))
-            atop = torch.topk(masked, min(auxk_k, n_dead), dim=-1, sorted=False)
-        avals = torch.relu(sae.pre_acts_at(x, atop.indices))
+        masked = pre.masked_fill(~dead, float("-inf"))
+        atop = torch.topk(masked, min(auxk_k, n_dead), dim=-1, sorted=False)
+        avals = torch.relu(atop.values)
         ahat = sae.decode_topk(avals, atop.indices) - sae.b_dec / sae.cfg.norm_scale
         target = err.detach()
         norm = _all_reduce_sum(torch.stack([target.pow(2).sum(), torch.tensor(float(x.shape[0]))]))
