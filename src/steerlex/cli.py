@@ -267,6 +267,58 @@ def cmd_sae_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from steerlex.explain.run import explain_sae, write_explanations
+    from steerlex.explain.vocabulary import (
+        Vocabulary,
+        vocabulary_from_file,
+        vocabulary_from_wordfreq,
+    )
+    from steerlex.models.loading import load_model
+    from steerlex.sae.formats import load_sae
+
+    sae = load_sae(args.sae)
+    spec = args.model or sae.cfg.model_spec
+    if not spec:
+        raise SteerlexError(f"The SAE in {args.sae} does not record its model; pass --model.")
+    loaded = load_model(spec, device=args.device)
+    out = Path(args.out) if args.out else Path(args.sae) / "explanations"
+    vocab: Vocabulary | None = None
+    if any(m != "logitlens" for m in args.method):
+        vocab = (
+            vocabulary_from_file(args.vocab)
+            if args.vocab
+            else vocabulary_from_wordfreq(args.vocab_size)
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        vocab.save(out / "vocabulary.json")
+    for method in args.method:
+        t0 = time.perf_counter()
+        found = explain_sae(
+            sae, loaded, method, vocab=vocab, top_k=args.top_k, alpha=args.alpha, beta=args.beta,
+            transform=args.transform, side=args.side,
+        )  # fmt: skip
+        settings = {
+            "sae": str(args.sae), "model": spec, "top_k": args.top_k, "alpha": args.alpha, "beta": args.beta,
+            "transform": args.transform, "side": args.side,
+            "vocabulary": None if vocab is None or method == "logitlens" else vocab.source,
+        }  # fmt: skip
+        path = write_explanations(found, out, method, settings)
+        print(
+            f"{method}: {len(found)} features explained in {time.perf_counter() - t0:.1f}s -> {path}"
+        )
+        for e in found[: args.show]:
+            shown = (
+                e.words[:10]
+                if method != "logitlens"
+                else [json.dumps(w, ensure_ascii=False) for w in e.words[:10]]
+            )
+            print(f"  feature {e.feature}: {', '.join(shown)}")
+    return 0
+
+
 def _train_fields() -> dict[str, tuple[type, Any, str]]:
     """TrainConfig fields as CLI options: name -> (type, default, help)."""
     from dataclasses import fields
@@ -458,6 +510,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default SAE_DIR/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval_sae)
+
+    p = sub.add_parser(
+        "explain", help="explain every SAE feature with vocabulary words (mi, paper) or tokens"
+    )
+    p.add_argument("--sae", required=True, help="SAE directory (or any format load_sae reads)")
+    p.add_argument(
+        "--method", action="append", choices=("mi", "paper", "logitlens"), required=True,
+        help="mi: per-pair mutual information; paper: the authors' released scoring; logitlens; repeatable",
+    )  # fmt: skip
+    p.add_argument("--model", help="model spec (default: the one the SAE records)")
+    p.add_argument(
+        "--vocab-size", type=int, default=5000, help="wordfreq English top-N words (default 5000)"
+    )
+    p.add_argument(
+        "--vocab",
+        help="a word-list file instead of wordfreq (one word per line, optional frequency)",
+    )
+    p.add_argument("--top-k", type=int, default=50, help="words per feature (default 50)")
+    p.add_argument("--alpha", type=float, default=1.0, help="temperature of p(w|c) (default 1)")
+    p.add_argument("--beta", type=float, default=1.0, help="temperature of p(c|w) (default 1)")
+    p.add_argument("--transform", choices=("final_norm", "identity"), default="final_norm")
+    p.add_argument("--side", choices=("decoder", "encoder"), default="decoder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--show", type=int, default=5, help="print the words of the first N features")
+    p.add_argument("--out", help="output directory (default SAE_DIR/explanations)")
+    p.set_defaults(func=cmd_explain)
 
     sae_cmd = sub.add_parser("sae", help="SAE file utilities")
     sae_sub = sae_cmd.add_subparsers(dest="sae_command", required=True, metavar="SUBCOMMAND")

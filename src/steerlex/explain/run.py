@@ -1,0 +1,126 @@
+"""Explain every feature of an SAE with one method and write the result as JSONL.
+
+Methods available so far: ``mi`` and ``paper`` (vocabulary word lists scored by
+mutual information, see docs/mi.md) and ``logitlens`` (top unembedding tokens).
+Each output line is one :class:`Explanation`:
+``{"feature": c, "method": m, "words": [...], "scores": [...], "summary": null}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import steerlex
+from steerlex.explain.logitlens import logit_lens
+from steerlex.explain.mi import ExplainError, Score, Side, Transform, feature_vectors, mi_scores
+from steerlex.explain.vocabulary import Vocabulary, word_vectors
+from steerlex.models.cache import write_bytes_atomic, write_json_atomic
+from steerlex.models.loading import LoadedModel
+from steerlex.sae.formats import check_sae_matches
+from steerlex.sae.model import TopKSAE
+
+METHODS = ("mi", "paper", "logitlens")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The ranked words (or tokens) of one feature under one method."""
+
+    feature: int
+    method: str
+    words: tuple[str, ...]
+    scores: tuple[float, ...]
+    summary: str | None = None
+
+
+def explain_sae(
+    sae: TopKSAE,
+    loaded: LoadedModel,
+    method: str,
+    *,
+    vocab: Vocabulary | None = None,
+    top_k: int = 50,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    transform: str = "final_norm",
+    side: str = "decoder",
+    features: Sequence[int] | None = None,
+) -> list[Explanation]:
+    """Explanations of ``features`` (default: all) of ``sae`` by ``method``."""
+    if method not in METHODS:
+        raise ExplainError(
+            f"Unknown explanation method '{method}'; available: {', '.join(METHODS)}."
+        )
+    model = loaded.model
+    layer = sae.cfg.layer if sae.cfg.layer is not None else -1
+    from steerlex.models.hooks import residual_width
+
+    check_sae_matches(sae, residual_width(model), loaded.spec, layer)
+    if sae.cfg.weights_id and loaded.weights_id and sae.cfg.weights_id != loaded.weights_id:
+        raise ExplainError(
+            f"The SAE was trained on {sae.cfg.model_spec} ({sae.cfg.weights_id}) but the model given is "
+            f"{loaded.spec} ({loaded.weights_id}); explain it with the model it was trained on."
+        )
+    ids = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
+    bad = [f for f in ids if not 0 <= f < sae.cfg.d_sae]
+    if bad:
+        raise ExplainError(
+            f"Feature ids {bad[:5]} are out of range; this SAE has features 0..{sae.cfg.d_sae - 1}."
+        )
+    if method == "logitlens":
+        found = logit_lens(
+            sae,
+            model,
+            loaded.tokenizer,
+            top_k=top_k,
+            transform=cast(Transform, transform),
+            side=cast(Side, side),
+            features=ids,
+        )
+        return [
+            Explanation(ft.feature, method, tuple(ft.tokens), tuple(float(s) for s in ft.scores))
+            for ft in found
+        ]
+    if vocab is None:
+        raise ExplainError(
+            f"The '{method}' method needs a vocabulary (see steerlex.explain.vocabulary)."
+        )
+    wv = word_vectors(vocab, loaded)
+    fv = feature_vectors(sae, model, side=cast(Side, side), transform=cast(Transform, transform))
+    scores, idx = mi_scores(
+        fv, wv.vectors, score=cast(Score, method), alpha=alpha, beta=beta, top_k=top_k
+    )
+    return [
+        Explanation(
+            c,
+            method,
+            tuple(wv.words[i] for i in idx[c].tolist()),
+            tuple(float(s) for s in scores[c].tolist()),
+        )
+        for c in ids
+    ]
+
+
+def write_explanations(
+    explanations: Sequence[Explanation], out_dir: str | Path, method: str, settings: dict[str, Any]
+) -> Path:
+    """Write ``<method>.jsonl`` (one explanation a line) and ``<method>.json`` (settings)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in explanations).encode()
+    path = out / f"{method}.jsonl"
+    write_bytes_atomic(path, blob)
+    write_json_atomic(
+        out / f"{method}.json",
+        {
+            "method": method,
+            "n_features": len(explanations),
+            "steerlex_version": steerlex.__version__,
+            **settings,
+        },
+    )
+    return path

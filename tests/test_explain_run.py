@@ -1,0 +1,82 @@
+"""steerlex explain on a tiny saved model: JSONL output, vocabulary, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import WORDS, make_tiny_llama, make_tokenizer
+from steerlex.cli import main
+from steerlex.explain.mi import ExplainError
+from steerlex.explain.run import explain_sae
+from steerlex.explain.vocabulary import vocabulary_from_file
+from steerlex.models.loading import load_model
+from steerlex.sae import SAEConfig, TopKSAE, save_sae
+
+
+@pytest.fixture
+def setup(tmp_path: Path, cache_dir: Path) -> dict[str, Path]:
+    tok = make_tokenizer()
+    model = make_tiny_llama(len(tok))
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    weights_id = load_model(str(model_dir)).weights_id
+    sae = TopKSAE(
+        SAEConfig(d_in=32, d_sae=24, k=4, model_spec=str(model_dir), weights_id=weights_id, layer=1)
+    )
+    save_sae(sae, tmp_path / "sae")
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    return {"model": model_dir, "sae": tmp_path / "sae", "vocab": vocab, "root": tmp_path}
+
+
+def test_explain_cli_writes_jsonl(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = setup["root"] / "expl"
+    code = main(["explain", "--sae", str(setup["sae"]), "--method", "mi", "--method", "paper",
+                 "--method", "logitlens", "--vocab", str(setup["vocab"]), "--top-k", "5", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert "mi: 24 features explained" in capsys.readouterr().out
+    for method in ("mi", "paper", "logitlens"):
+        rows = [json.loads(line) for line in (out / f"{method}.jsonl").read_text().splitlines()]
+        assert [r["feature"] for r in rows] == list(range(24))
+        assert all(
+            len(r["words"]) == 5 and len(r["scores"]) == 5 and r["method"] == method for r in rows
+        )
+        settings = json.loads((out / f"{method}.json").read_text())
+        assert settings["n_features"] == 24 and settings["top_k"] == 5
+    mi_rows = [json.loads(line) for line in (out / "mi.jsonl").read_text().splitlines()]
+    vocab_words = set(json.loads((out / "vocabulary.json").read_text())["words"])
+    assert all(set(r["words"]) <= vocab_words for r in mi_rows)
+    assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in mi_rows)
+
+
+def test_explain_bad_inputs(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = load_model(str(setup["model"]))
+    vocab = vocabulary_from_file(setup["vocab"])
+    sae = TopKSAE(
+        SAEConfig(
+            d_in=32, d_sae=24, k=4, weights_id="sha256:other", model_spec="elsewhere", layer=1
+        )
+    )
+    with pytest.raises(ExplainError, match=r"trained on elsewhere \(sha256:other\)"):
+        explain_sae(sae, loaded, "mi", vocab=vocab)
+    ok = TopKSAE(SAEConfig(d_in=32, d_sae=24, k=4, layer=1))
+    with pytest.raises(ExplainError, match=r"Feature ids \[30\] are out of range"):
+        explain_sae(ok, loaded, "mi", vocab=vocab, features=[30])
+    with pytest.raises(ExplainError, match="needs a vocabulary"):
+        explain_sae(ok, loaded, "mi")
+    with pytest.raises(ExplainError, match="Unknown explanation method 'topact'"):
+        explain_sae(ok, loaded, "topact", vocab=vocab)
+    wide = TopKSAE(SAEConfig(d_in=48, d_sae=24, k=4, layer=1))
+    code = main(["explain", "--sae", str(setup["root"] / "nope"), "--method", "mi"])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
+    save_sae(wide, setup["root"] / "wide")
+    code = main(["explain", "--sae", str(setup["root"] / "wide"), "--model", str(setup["model"]), "--method", "mi",
+                 "--vocab", str(setup["vocab"])])  # fmt: skip
+    assert code == 2
+    assert "d_in=48" in capsys.readouterr().err
