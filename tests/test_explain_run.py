@@ -38,10 +38,10 @@ def test_explain_cli_writes_jsonl(
 ) -> None:
     out = setup["root"] / "expl"
     code = main(["explain", "--sae", str(setup["sae"]), "--method", "mi", "--method", "paper",
-                 "--method", "logitlens", "--vocab", str(setup["vocab"]), "--top-k", "5", "--out", str(out)])  # fmt: skip
+                 "--method", "logitlens", "--method", "mi-input", "--vocab", str(setup["vocab"]), "--top-k", "5", "--out", str(out)])  # fmt: skip
     assert code == 0
     assert "mi: 24 features explained" in capsys.readouterr().out
-    for method in ("mi", "paper", "logitlens"):
+    for method in ("mi", "paper", "logitlens", "mi-input"):
         rows = [json.loads(line) for line in (out / f"{method}.jsonl").read_text().splitlines()]
         assert [r["feature"] for r in rows] == list(range(24))
         assert all(
@@ -70,8 +70,8 @@ def test_explain_bad_inputs(setup: dict[str, Path], capsys: pytest.CaptureFixtur
         explain_sae(ok, loaded, "mi", vocab=vocab, features=[30])
     with pytest.raises(ExplainError, match="needs a vocabulary"):
         explain_sae(ok, loaded, "mi")
-    with pytest.raises(ExplainError, match="Unknown explanation method 'topact'"):
-        explain_sae(ok, loaded, "topact", vocab=vocab)
+    with pytest.raises(ExplainError, match="Unknown explanation method 'n2g'"):
+        explain_sae(ok, loaded, "n2g", vocab=vocab)
     wide = TopKSAE(SAEConfig(d_in=48, d_sae=24, k=4, layer=1))
     code = main(["explain", "--sae", str(setup["root"] / "nope"), "--method", "mi"])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
@@ -80,3 +80,32 @@ def test_explain_bad_inputs(setup: dict[str, Path], capsys: pytest.CaptureFixtur
                  "--vocab", str(setup["vocab"])])  # fmt: skip
     assert code == 2
     assert "d_in=48" in capsys.readouterr().err
+
+
+def test_explain_topact_from_a_harvested_store(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import SENTENCES
+
+    texts = setup["root"] / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    acts = setup["root"] / "acts"
+    assert main(["harvest", "--model", str(setup["model"]), "--layer", "1", "--source", str(texts),
+                 "--out", str(acts), "--quiet"]) == 0  # fmt: skip
+    out = setup["root"] / "expl"
+    code = main(["explain", "--sae", str(setup["sae"]), "--method", "topact", "--activations", str(acts),
+                 "--top-k", "5", "--out", str(out), "--quiet"])  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "topact.jsonl").read_text().splitlines()]
+    assert [r["feature"] for r in rows] == list(range(24))
+    words_in_texts = set(" ".join(SENTENCES).split()) | {
+        "end",
+        "assistant",
+    }  # chat-template tokens after the text
+    assert any(r["words"] for r in rows)
+    extra = {w for r in rows for w in r["words"]} - words_in_texts
+    assert not extra, extra
+    assert not (out / "vocabulary.json").exists()
+    capsys.readouterr()
+    code = main(["explain", "--sae", str(setup["sae"]), "--method", "topact", "--out", str(out)])
+    assert code == 2 and "needs an activation store" in capsys.readouterr().err

@@ -270,6 +270,7 @@ def cmd_sae_convert(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from steerlex.activations.store import ActivationStore
     from steerlex.explain.run import explain_sae, write_explanations
     from steerlex.explain.vocabulary import (
         Vocabulary,
@@ -285,8 +286,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SteerlexError(f"The SAE in {args.sae} does not record its model; pass --model.")
     loaded = load_model(spec, device=args.device)
     out = Path(args.out) if args.out else Path(args.sae) / "explanations"
+    store = ActivationStore.open(args.activations) if args.activations else None
     vocab: Vocabulary | None = None
-    if any(m != "logitlens" for m in args.method):
+    if any(m not in ("logitlens", "topact") for m in args.method):
         vocab = (
             vocabulary_from_file(args.vocab)
             if args.vocab
@@ -298,12 +300,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         found = explain_sae(
             sae, loaded, method, vocab=vocab, top_k=args.top_k, alpha=args.alpha, beta=args.beta,
-            transform=args.transform, side=args.side,
+            transform=args.transform, side=args.side, progress=not args.quiet, store=store,
         )  # fmt: skip
         settings = {
             "sae": str(args.sae), "model": spec, "top_k": args.top_k, "alpha": args.alpha, "beta": args.beta,
             "transform": args.transform, "side": args.side,
-            "vocabulary": None if vocab is None or method == "logitlens" else vocab.source,
+            "vocabulary": None if vocab is None or method in ("logitlens", "topact") else vocab.source,
+            "activations": args.activations if method == "topact" else None,
         }  # fmt: skip
         path = write_explanations(found, out, method, settings)
         print(
@@ -516,10 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sae", required=True, help="SAE directory (or any format load_sae reads)")
     p.add_argument(
-        "--method", action="append", choices=("mi", "paper", "logitlens"), required=True,
-        help="mi: per-pair mutual information; paper: the authors' released scoring; logitlens; repeatable",
+        "--method", action="append", choices=("mi", "paper", "mi-input", "logitlens", "topact"), required=True,
+        help="mi: output-side mutual information; paper: the authors' released scoring; mi-input: "
+        "input-side mutual information (what makes a feature fire); logitlens; topact (needs --activations); "
+        "repeatable",
     )  # fmt: skip
     p.add_argument("--model", help="model spec (default: the one the SAE records)")
+    p.add_argument("--activations", help="activation store for topact (the SAE's model and layer)")
     p.add_argument(
         "--vocab-size", type=int, default=5000, help="wordfreq English top-N words (default 5000)"
     )
@@ -534,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side", choices=("decoder", "encoder"), default="decoder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--show", type=int, default=5, help="print the words of the first N features")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", help="output directory (default SAE_DIR/explanations)")
     p.set_defaults(func=cmd_explain)
 

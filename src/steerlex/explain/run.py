@@ -1,7 +1,10 @@
 """Explain every feature of an SAE with one method and write the result as JSONL.
 
 Methods available so far: ``mi`` and ``paper`` (vocabulary word lists scored by
-mutual information, see docs/mi.md) and ``logitlens`` (top unembedding tokens).
+mutual information on the output side, see docs/mi.md), ``mi-input`` (the same on the
+input side: what makes a feature fire, see docs/mi_input.md), ``logitlens`` (top
+unembedding tokens) and ``topact`` (words of the top-activating contexts in an
+activation store: the corpus-based baseline).
 Each output line is one :class:`Explanation`:
 ``{"feature": c, "method": m, "words": [...], "scores": [...], "summary": null}``.
 """
@@ -15,15 +18,18 @@ from pathlib import Path
 from typing import Any, cast
 
 import steerlex
+from steerlex.activations.store import ActivationStore
 from steerlex.explain.logitlens import logit_lens
 from steerlex.explain.mi import ExplainError, Score, Side, Transform, feature_vectors, mi_scores
+from steerlex.explain.mi_input import cached_word_activations, input_mi_scores
+from steerlex.explain.topact import top_activations, topact_words
 from steerlex.explain.vocabulary import Vocabulary, word_vectors
-from steerlex.models.cache import write_bytes_atomic, write_json_atomic
+from steerlex.models.cache import cache_root, write_bytes_atomic, write_json_atomic
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.formats import check_sae_matches
 from steerlex.sae.model import TopKSAE
 
-METHODS = ("mi", "paper", "logitlens")
+METHODS = ("mi", "paper", "mi-input", "logitlens", "topact")
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,17 @@ def explain_sae(
     transform: str = "final_norm",
     side: str = "decoder",
     features: Sequence[int] | None = None,
+    store: ActivationStore | None = None,
+    progress: bool = True,
 ) -> list[Explanation]:
-    """Explanations of ``features`` (default: all) of ``sae`` by ``method``."""
+    """Explanations of ``features`` (default: all) of ``sae`` by ``method``.
+
+    ``mi-input`` runs every vocabulary word through the model in a few neutral
+    templates (to layer L only) and caches the word-by-feature activation matrix
+    under the steerlex cache; its temperatures are set from that matrix's spread.
+    ``topact`` needs ``store`` (top-activating contexts, de-duplicated; see
+    docs/topact.md); its explanations carry words without scores.
+    """
     if method not in METHODS:
         raise ExplainError(
             f"Unknown explanation method '{method}'; available: {', '.join(METHODS)}."
@@ -85,10 +100,43 @@ def explain_sae(
             Explanation(ft.feature, method, tuple(ft.tokens), tuple(float(s) for s in ft.scores))
             for ft in found
         ]
+    if method == "topact":
+        if store is None:
+            raise ExplainError(
+                "The 'topact' method needs an activation store of the SAE's model and layer (--activations)."
+            )
+        spans = top_activations(
+            sae, store, features=ids, tokenizer=loaded.tokenizer, progress=progress
+        )
+        return [
+            Explanation(
+                c, method, tuple(topact_words(spans.get(c, []), loaded.tokenizer, top_k=top_k)), ()
+            )
+            for c in ids
+        ]
     if vocab is None:
         raise ExplainError(
             f"The '{method}' method needs a vocabulary (see steerlex.explain.vocabulary)."
         )
+    if method == "mi-input":
+        if sae.cfg.layer is None:
+            raise ExplainError(
+                "The 'mi-input' method needs the SAE's layer; this SAE does not record one."
+            )
+        words = list(vocab.words)
+        acts = cached_word_activations(
+            loaded, sae, sae.cfg.layer, words, cache_root() / "word_activations", progress=progress
+        )
+        scores, idx = input_mi_scores(acts, top_k=top_k)
+        return [
+            Explanation(
+                c,
+                method,
+                tuple(words[i] for i in idx[c].tolist()),
+                tuple(float(v) for v in scores[c].tolist()),
+            )
+            for c in ids
+        ]
     wv = word_vectors(vocab, loaded)
     fv = feature_vectors(sae, model, side=cast(Side, side), transform=cast(Transform, transform))
     scores, idx = mi_scores(
