@@ -121,6 +121,14 @@ def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def save_tiny_model(path: Path) -> Path:
+    """Save the tiny random Llama and its tokenizer as a local transformers directory."""
+    tok = make_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture
 def tiny_loaded() -> LoadedModel:
     tok = make_tokenizer()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tokenizer
+from conftest import make_tiny_llama, make_tokenizer, save_tiny_model
 from steerlex.activations import ActivationStore
 from steerlex.cli import main
 from steerlex.models.loading import load_model
@@ -16,12 +16,7 @@ from steerlex.models.loading import load_model
 
 @pytest.fixture
 def tiny_dir(tmp_path: Path, cache_dir: Path) -> Path:
-    tok = make_tokenizer()
-    model = make_tiny_llama(len(tok))
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
+    return save_tiny_model(tmp_path / "tiny-llama")
 
 
 @pytest.fixture

@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SENTENCES, make_tiny_llama, make_tokenizer
+from conftest import SENTENCES, save_tiny_model
 from steerlex.cli import main
 from steerlex.sae import load_sae
 
 
 @pytest.fixture
 def run(tmp_path: Path, cache_dir: Path) -> dict[str, Path]:
-    tok = make_tokenizer()
-    model = make_tiny_llama(len(tok))
-    model_dir = tmp_path / "tiny"
-    model.save_pretrained(str(model_dir))
-    tok.save_pretrained(str(model_dir))
+    model_dir = save_tiny_model(tmp_path / "tiny")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(SENTENCES * 8) + "\n")
     acts = tmp_path / "acts"

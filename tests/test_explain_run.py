@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORDS, make_tiny_llama, make_tokenizer
+from conftest import WORDS, save_tiny_model
 from steerlex.cli import main
 from steerlex.explain.mi import ExplainError
 from steerlex.explain.run import explain_sae
@@ -18,11 +18,7 @@ from steerlex.sae import SAEConfig, TopKSAE, save_sae
 
 @pytest.fixture
 def setup(tmp_path: Path, cache_dir: Path) -> dict[str, Path]:
-    tok = make_tokenizer()
-    model = make_tiny_llama(len(tok))
-    model_dir = tmp_path / "tiny"
-    model.save_pretrained(str(model_dir))
-    tok.save_pretrained(str(model_dir))
+    model_dir = save_tiny_model(tmp_path / "tiny")
     weights_id = load_model(str(model_dir)).weights_id
     sae = TopKSAE(
         SAEConfig(d_in=32, d_sae=24, k=4, model_spec=str(model_dir), weights_id=weights_id, layer=1)
