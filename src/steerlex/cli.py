@@ -75,18 +75,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def model_info(spec: str) -> dict[str, Any]:
     """Describe a model without loading its weights (a meta-device skeleton gives the layout)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from steerlex.models.chat import has_chat_template
     from steerlex.models.hooks import decoder_layers, hook_name, num_layers, residual_width
-    from steerlex.models.loading import _from_pretrained, load_config
+    from steerlex.models.loading import load_config
 
-    config, resolved, location, source, weights_id = load_config(spec)
+    config, tokenizer, resolved, source, weights_id = load_config(spec)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     path, _ = decoder_layers(skeleton)
     n = num_layers(skeleton)
-    tokenizer = _from_pretrained(AutoTokenizer, location, spec)
     text_config = config.get_text_config()
     return {
         "spec": spec,

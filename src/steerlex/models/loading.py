@@ -150,22 +150,18 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_tokenizer(spec: str) -> Any:
-    """Load only the tokenizer of ``spec`` (converting an embedded model if needed)."""
-    from transformers import AutoTokenizer
+def load_config(spec: str) -> tuple[Any, Any, ResolvedSpec, str, str]:
+    """Config and tokenizer only, no weights: (config, tokenizer, resolved, source, weights id).
 
-    location, _, _ = model_dir(resolve_spec(spec))
-    return _from_pretrained(AutoTokenizer, location, spec)
-
-
-def load_config(spec: str) -> tuple[Any, ResolvedSpec, str, str, str]:
-    """Load the config only: (config, resolved spec, location, source, weights id)."""
-    from transformers import AutoConfig
+    An embedded model or GGUF file is converted into the cache first if needed.
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     resolved = resolve_spec(spec)
     location, source, weights_id = model_dir(resolved)
     config = _from_pretrained(AutoConfig, location, spec)
-    return config, resolved, location, source, weights_id
+    tokenizer = _from_pretrained(AutoTokenizer, location, spec)
+    return config, tokenizer, resolved, source, weights_id
 
 
 def load_model(
