@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from steerlex.errors import StoreError
-from steerlex.models.cache import atomic_path, sha256_file, write_json_atomic
+from steerlex.models.cache import atomic_path, read_json_object, sha256_file, write_json_atomic
 
 INDEX = "index.json"
 TEXTS = "texts.jsonl"
@@ -85,11 +85,13 @@ def read_index(directory: Path) -> dict[str, Any] | None:
     path = directory / INDEX
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"The activation index {path} is unreadable ({exc}).") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_json_object(
+        path,
+        what="activation index",
+        fix="rerun `steerlex harvest` into a new --out.",
+        error=StoreError,
+    )
+    if data.get("format") != FORMAT:
         raise StoreError(f"{path} is not a steerlex activation index.")
     return data
 

@@ -21,7 +21,6 @@ describes the rules and their limits.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -34,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from steerlex.errors import SteerlexError
-from steerlex.models.cache import write_json_atomic
+from steerlex.models.cache import read_json_object, write_json_atomic
 
 Dedupe = Literal["stem", "none"]
 Matrix = Literal["lm_head", "embed_tokens"]
@@ -245,14 +244,12 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         """Read a vocabulary written by :meth:`save`."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise VocabularyError(f"The vocabulary file '{path}' does not exist.") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise VocabularyError(
-                f"Cannot read the vocabulary file '{path}' ({exc}); write it with Vocabulary.save."
-            ) from None
+        data = read_json_object(
+            path,
+            what="vocabulary file",
+            fix="write it with Vocabulary.save.",
+            error=VocabularyError,
+        )
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise VocabularyError(
                 f'\'{path}\' is not a steerlex vocabulary (no "format": "{FORMAT}"); '

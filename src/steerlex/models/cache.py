@@ -19,6 +19,8 @@ from typing import Any
 
 import platformdirs
 
+from steerlex.errors import SteerlexError
+
 CACHE_ENV = "STEERLEX_CACHE"
 _CHUNK = 1 << 22
 
@@ -60,6 +62,22 @@ def cached_sha256(path: Path) -> str:
     with contextlib.suppress(OSError):
         write_json_atomic(memo_path, memo)
     return digest
+
+
+def read_json_object(
+    path: Path, *, what: str, fix: str, error: type[SteerlexError]
+) -> dict[str, Any]:
+    """Parse ``path`` as a JSON object; otherwise raise ``error`` naming ``what``, the file
+    and ``fix`` (what the user should do)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"The {what} {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"Cannot read the {what}: {path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"The {what} {path} must hold a JSON object, got {type(data).__name__}; {fix}")
+    return data
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

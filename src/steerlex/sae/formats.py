@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from steerlex.models.cache import read_json_object as read_json
 from steerlex.models.cache import sha256_file
 from steerlex.sae.model import Architecture, SAEConfig, SAEError, TopKSAE
 
@@ -121,18 +122,12 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """Parse ``path`` as a JSON object, or raise :class:`SAEError` naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SAEError(f"SAE config {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SAEError(
-            f"SAE config {path} is not valid JSON ({exc}); restore it from the original SAE "
-            "or re-save the SAE."
-        ) from None
-    if not isinstance(data, dict):
-        raise SAEError(f"SAE config {path} must hold a JSON object, got {type(data).__name__}.")
-    return data
+    return read_json(
+        path,
+        what="SAE config",
+        fix="restore it from the original SAE or re-save the SAE.",
+        error=SAEError,
+    )
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
