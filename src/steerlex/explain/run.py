@@ -172,3 +172,75 @@ def write_explanations(
         },
     )
     return path
+
+
+def read_explanations(path: str | Path) -> list[Explanation]:
+    """Read a ``<method>.jsonl`` file written by :func:`write_explanations`.
+
+    Raises:
+        ExplainError: a missing file or a line that is not an explanation record.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ExplainError(
+            f"Explanations file {p} does not exist; run `steerlex explain` to write it."
+        )
+    out: list[Explanation] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out.append(
+                Explanation(
+                    feature=int(rec["feature"]),
+                    method=str(rec["method"]),
+                    words=tuple(str(w) for w in rec["words"]),
+                    scores=tuple(float(s) for s in rec.get("scores") or ()),
+                    summary=rec.get("summary"),
+                )
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ExplainError(
+                f"{p} line {n} is not an explanation record "
+                f'({{"feature", "method", "words", ...}}): {exc}'
+            ) from exc
+    return out
+
+
+def neuronpedia_records(
+    explanations: Sequence[Explanation],
+    *,
+    model_id: str,
+    source_id: str,
+    explanation_model: str | None = None,
+    n_words: int = 10,
+) -> list[dict[str, Any]]:
+    """One record per explanation in Neuronpedia's explanation schema.
+
+    ``description`` is the summary when there is one, else the first ``n_words`` words;
+    ``typeName`` names the method (``steerlex-mi``, ``steerlex-topact``, ...);
+    ``explanationModelName`` is the summary back end, or ``"none"`` for bare word lists.
+    ``source_id`` is Neuronpedia's SAE id within the model, e.g. ``8-steerlex-res-4k``.
+    """
+    if not model_id or not source_id:
+        raise ExplainError("neuronpedia_records needs a model_id and a source_id.")
+    out = []
+    for e in explanations:
+        if e.summary:
+            description, author = e.summary, explanation_model or "unknown"
+        else:
+            description, author = ", ".join(e.words[:n_words]), "none"
+        if not description:
+            continue
+        out.append(
+            {
+                "modelId": model_id,
+                "layer": source_id,
+                "index": str(e.feature),
+                "description": description,
+                "typeName": f"steerlex-{e.method}",
+                "explanationModelName": author,
+            }
+        )
+    return out
