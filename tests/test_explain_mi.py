@@ -20,7 +20,7 @@ from steerlex.explain import (
     logit_lens_topk,
     mi_scores,
 )
-from steerlex.explain.mi import _merge_topk, _slab_topk
+from steerlex.explain.mi import _merge_topk, _slab_row_lse, _slab_topk
 from steerlex.sae.model import SAEConfig, TopKSAE
 
 
@@ -188,6 +188,22 @@ def test_topk_helpers_break_ties_by_index() -> None:
     old_v, old_i = torch.tensor([[3.0, 1.0]]), torch.tensor([[4, 2]])
     v, i = _merge_topk(old_v, old_i, torch.tensor([[3.0, 2.0]]), torch.tensor([[7, 9]]), 3)
     assert i.tolist() == [[4, 7, 9]] and v.tolist() == [[3.0, 3.0, 2.0]]
+
+
+def test_slab_row_lse_probe_and_fallback() -> None:
+    # Rows whose probed word is far in the tail (q underflows) use the exact logsumexp.
+    features, words = data(30, 200, 8, seed=12)
+    b = features @ words.T
+    b[3, :64] = -200.0  # probe window far below the row's maximum: q_j = 0
+    for ratio in (1.0, 0.3, 5.0):
+        q = torch.softmax(b * ratio, dim=1)
+        got = _slab_row_lse(b, q, ratio, torch.float64)
+        expected = torch.logsumexp(b.double() * ratio, dim=1)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ExplainError, match="overflow"):
+        bad = b.clone()
+        bad[0, 100] = float("inf")
+        _slab_row_lse(bad, torch.softmax(bad, dim=1), 1.0, torch.float64)
 
 
 def test_deterministic() -> None:

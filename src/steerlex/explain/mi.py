@@ -202,8 +202,10 @@ def _check_pair(features: Tensor, words: Tensor) -> tuple[int, int, int]:
     if features.is_complex() or words.is_complex():
         raise ExplainError("features and words must be real tensors.")
     for name, tensor in (("features", features), ("words", words)):
-        # amax propagates NaN and keeps inf: one cheap pass instead of isfinite().all().
-        if not bool(torch.isfinite(tensor.detach().abs().amax())):
+        # min and max propagate NaN and keep ±inf: one read-only pass (no temporary),
+        # instead of isfinite().all() or abs().amax().
+        low, high = torch.aminmax(tensor.detach())
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ExplainError(f"{name} contain {bad} non-finite values (NaN/inf).")
     return n_feat, n_words, d_feat
@@ -267,6 +269,39 @@ def _slab_topk(scores: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
 _F32_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 
 
+# Words probed for a well-conditioned row normaliser (see _slab_row_lse).
+_PROBE_WORDS = 64
+# Q below this (far below 1 / M) is too far out in the tail to give the normaliser exactly.
+_MIN_PROBE_Q = 1e-30
+
+
+def _slab_row_lse(b: Tensor, q: Tensor, ratio: float, acc: torch.dtype) -> Tensor:
+    """``logsumexp_w(ratio * b)`` per row, from ``q = softmax(ratio * b)`` without a full pass.
+
+    For any word ``j``, ``lse = ratio * b[j] − log q[j]``; ``j`` is the largest of the
+    first :data:`_PROBE_WORDS` words, which is exact to float32 rounding of ``q[j]`` as
+    long as ``q[j]`` is a normal number. Rows where it is not (very low temperatures,
+    or non-finite affinities) use an exact ``logsumexp``.
+
+    Raises:
+        ExplainError: the affinities overflow float32.
+    """
+    j = b[:, :_PROBE_WORDS].argmax(dim=1, keepdim=True)
+    q_j = q.gather(1, j).squeeze(1)
+    lse = b.gather(1, j).squeeze(1).to(acc) * ratio - q_j.to(acc).log()
+    weak = ~(q_j >= _MIN_PROBE_Q)  # also NaN (an infinite affinity)
+    if bool(weak.any()):
+        rows = weak.nonzero().squeeze(1)
+        lse[rows] = torch.logsumexp(b[rows].to(acc) * ratio, dim=1)
+    if not bool(torch.isfinite(lse).all()):
+        raise ExplainError(
+            "The affinities S = features @ words.T overflow float32 (or their "
+            "temperatures are too low); rescale the features or words, or raise "
+            "alpha and beta."
+        )
+    return lse
+
+
 def mi_scores(
     features: Tensor,
     words: Tensor,
@@ -306,20 +341,24 @@ def mi_scores(
 
     Algorithm (two passes per word slab, one matrix product in all). For each slab of
     words, pass 1 computes ``B = S/beta`` for all features, ``feature_chunk`` rows at a
-    time, and ``P = exp(S/alpha − m_c)`` with ``m_c`` the running maximum of feature
-    ``c``'s row; it accumulates the per-feature ``logsumexp_w(S/alpha)`` (row sums of
-    ``P``) and the per-word ``logsumexp_c(S/beta)`` over all features (for
-    ``alpha == beta`` as ``Pᵀ exp(m − max m)``, a matrix-vector product; words whose sum
-    could have lost mass to float32 underflow, and every word when ``alpha != beta``,
-    use an exact ``logsumexp`` over the slab's column instead), in float64 across blocks.
-    Pass 2 scores the slab block by block and merges it into a running top-K per
-    feature. The per-feature normaliser ``logsumexp_w(S/alpha)`` is a positive factor
-    per feature, so ``mi`` is ranked on ``P · (log p(c|w) − log p(c))`` (kept values are
-    rescaled by ``exp(m_old − m_new)`` when ``m_c`` grows) and ``paper`` on the log
-    magnitude ``S/alpha + log(−log p(c|w))`` (no underflow however small ``p(w|c)`` is;
-    ``paper`` ranks exactly the region where ``p(w|c)`` underflows). Memory: two
-    ``C × slab`` float32 slabs (at most ``max(C, max_slab_elements)`` elements each),
-    ``feature_chunk × slab`` temporaries and the ``C × top_k`` result; never ``C × M``.
+    time, and ``Q = softmax_w(S/alpha)`` over the slab's words (one fused pass). The
+    slab's per-feature normaliser ``logsumexp_w(S/alpha)`` is read off one word,
+    ``S[c, j]/alpha − log Q[c, j]`` with ``j`` the best of the slab's first 64 words
+    (an exact ``logsumexp`` for rows where that ``Q`` is not a normal float32), and
+    combined across slabs in float64. The per-word ``logsumexp_c(S/beta)`` over all
+    features is, for ``alpha == beta``, ``log(Qᵀ exp(lse − max lse)) + max lse``, a
+    matrix-vector product; words whose sum could have lost more than 1e-6 of its mass
+    to float32 underflow, and every word when ``alpha != beta``, use an exact
+    ``logsumexp`` over the slab's column instead. Pass 2 scores the slab block by block
+    and merges it into a running top-K per feature: ``mi`` as
+    ``Q · (log p(c|w) − log p(c))``, i.e. with ``p(w|c)`` normalised over the slab (a
+    positive factor per feature, so the ranking is exact; kept and new values are
+    rescaled to the words seen so far before each merge, so the returned values need no
+    final factor), ``paper`` on the log magnitude ``S/alpha + log(−log p(c|w))`` (no
+    underflow however small ``p(w|c)`` is; ``paper`` ranks exactly the region where
+    ``p(w|c)`` underflows). Memory: two ``C × slab`` float32 slabs (at most
+    ``max(C, max_slab_elements)`` elements each), ``feature_chunk × slab`` temporaries
+    (``alpha != beta`` only) and the ``C × top_k`` result; never ``C × M``.
 
     Raises:
         ExplainError: unknown ``score``; ``alpha`` or ``beta`` not positive and finite;
@@ -343,7 +382,9 @@ def mi_scores(
     dev = torch.device(device) if device is not None else features.device
     acc = torch.float64 if dev.type != "mps" else torch.float32
     # B = S / beta comes straight out of the matrix product.
-    feats = features.detach().to(dev, torch.float32) / beta
+    feats = features.detach().to(dev, torch.float32)
+    if beta != 1.0:
+        feats = feats / beta
     vocab = words.detach().to(dev, torch.float32)
     ratio = beta / alpha  # S/alpha = ratio * B
     fast_columns = alpha == beta
@@ -370,11 +411,13 @@ def mi_scores(
     slab_width = max(1, min(word_chunk, n_words, max_slab_elements // n_feat))
     buf_b = torch.empty(n_feat * slab_width, dtype=torch.float32, device=dev)
     buf_p = torch.empty(n_feat * slab_width, dtype=torch.float32, device=dev)
-    run_max = torch.full((n_feat,), -math.inf, dtype=acc, device=dev)  # m_c
     run_lse = torch.full((n_feat,), -math.inf, dtype=acc, device=dev)  # lse_w(S/alpha)
+    slab_lse = torch.empty(n_feat, dtype=acc, device=dev)  # the same over this slab's words
     top_v = torch.full((n_feat, top_k), -math.inf, dtype=acc, device=dev)
     top_i = torch.full((n_feat, top_k), n_words, dtype=torch.long, device=dev)
-    # Underflow bound for the matrix-vector column sums: lost mass <= C * tiny * exp(shift).
+    # Underflow bound for the matrix-vector column sums: each of the C terms loses less
+    # than tiny * exp(shift) (float32 underflow of Q or of Q * weight), so a column sum
+    # above C * tiny * exp(shift) * 1e6 has lost less than 1e-6 of its mass.
     underflow_margin = math.log(n_feat) + _F32_LOG_TINY + 6 * math.log(10.0)
 
     with torch.no_grad():
@@ -384,30 +427,21 @@ def mi_scores(
             slab_b = buf_b[: n_feat * n].view(n_feat, n)
             slab_p = buf_p[: n_feat * n].view(n_feat, n)
             vocab_t = vocab[w0:w1].T
-            prev_max = run_max.clone()
             col_lse = torch.full((n,), -math.inf, dtype=acc, device=dev)
             top_shift = -math.inf
-            # Pass 1: B, P, row and column normalisers.
+            # Pass 1: B, Q, row and column normalisers.
             for f0 in range(0, n_feat, feature_chunk):
                 f1 = min(n_feat, f0 + feature_chunk)
                 b, p = slab_b[f0:f1], slab_p[f0:f1]
                 torch.mm(feats[f0:f1], vocab_t, out=b)
-                blk_max = b.amax(dim=1).to(acc) * ratio
-                if not bool(torch.isfinite(blk_max).all()):
-                    raise ExplainError(
-                        "The affinities S = features @ words.T overflow float32 (or their "
-                        "temperatures are too low); rescale the features or words, or raise "
-                        "alpha and beta."
-                    )
-                new_max = torch.maximum(run_max[f0:f1], blk_max)
-                run_max[f0:f1] = new_max
-                torch.add(-new_max.to(torch.float32)[:, None], b, alpha=ratio, out=p)
-                p.exp_()  # exp(S/alpha − m_c) in (0, 1]
-                row = p.sum(dim=1).to(acc).log_() + new_max
-                run_lse[f0:f1] = torch.logaddexp(run_lse[f0:f1], row)
+                # Q = softmax over the slab's words of S/alpha, one fused pass.
+                torch.softmax(b if ratio == 1.0 else b * ratio, dim=1, out=p)
+                lse = _slab_row_lse(b, p, ratio, acc)
+                slab_lse[f0:f1] = lse
                 if fast_columns:
-                    shift = float(new_max.max())
-                    weights = torch.exp(new_max - shift).to(torch.float32)
+                    # exp(S/beta) = Q * exp(lse_c): the column sums are a matrix-vector product.
+                    shift = float(lse.max())
+                    weights = torch.exp(lse - shift).to(torch.float32)
                     col = (p.T @ weights).to(acc).log_() + shift
                     top_shift = max(top_shift, shift)
                 else:
@@ -418,38 +452,41 @@ def mi_scores(
                 if bad.numel():
                     col_lse[bad] = torch.logsumexp(slab_b[:, bad], dim=0).to(acc)
             col_lse32 = col_lse.to(torch.float32)
+            first = w0 == 0
+            new_lse = slab_lse if first else torch.logaddexp(run_lse, slab_lse)
             # Pass 2: scores block by block, merged into the running top-K.
             for f0 in range(0, n_feat, feature_chunk):
                 f1 = min(n_feat, f0 + feature_chunk)
                 b, p = slab_b[f0:f1], slab_p[f0:f1]
                 if score == "mi":
-                    # P * (log p(c|w) − log p(c)), relative to exp(m_c).
+                    # Q * (log p(c|w) − log p(c)): the score with p(w|c) normalised over
+                    # this slab's words only (a positive factor per feature).
                     x = b.sub_(col_lse32 - uniform_shift)
                     if neg_log_prior is not None:
                         x.add_(neg_log_prior[f0:f1, None])
                     sc = x.mul_(p)
-                    old = prev_max[f0:f1]
-                    factor = torch.where(
-                        torch.isfinite(old), torch.exp(old - run_max[f0:f1]), torch.ones_like(old)
-                    )
-                    old_v = top_v[f0:f1] * factor[:, None]
                 else:
                     # −(S/alpha + log(−log p(c|w))): larger means a score closer to 0.
-                    neg = torch.sub(col_lse32, b).clamp_min_(0.0).log_()
+                    neg = torch.sub(col_lse32, b, out=p).clamp_min_(0.0).log_()
                     sc = neg.add_(b, alpha=ratio).neg_()
-                    old_v = top_v[f0:f1]
                 new_v, new_i = _slab_topk(sc, min(top_k, n), w0)
-                if w0 == 0 and n >= top_k:  # first slab: nothing to merge with
+                if first and n >= top_k:  # one slab so far: nothing to merge or rescale
                     top_v[f0:f1] = new_v
                     top_i[f0:f1] = new_i
                     continue
-                v, i = _merge_topk(old_v, top_i[f0:f1], new_v.to(acc), new_i, top_k)
+                new_v = new_v.to(acc)
+                old_v = top_v[f0:f1]
+                if score == "mi" and not first:
+                    # Renormalise p(w|c) from the words seen before / in this slab to all
+                    # words seen so far (positive factors per feature, ranking unchanged).
+                    old_v = old_v * torch.exp(run_lse[f0:f1] - new_lse[f0:f1])[:, None]
+                    new_v = new_v * torch.exp(slab_lse[f0:f1] - new_lse[f0:f1])[:, None]
+                v, i = _merge_topk(old_v, top_i[f0:f1], new_v, new_i, top_k)
                 top_v[f0:f1] = v
                 top_i[f0:f1] = i
-    if score == "mi":
-        scores = top_v * torch.exp(run_max - run_lse)[:, None]
-    else:
-        scores = -torch.exp(-top_v - run_lse[:, None])
+            run_lse = new_lse.clone() if first else new_lse
+    # `mi` values are already normalised over all words; `paper` keys are log magnitudes.
+    scores = top_v if score == "mi" else -torch.exp(-top_v - run_lse[:, None])
     return scores.to(torch.float32), top_i
 
 
