@@ -1,0 +1,511 @@
+"""Steering strategies: pure edits of the residual stream through an SAE's features.
+
+A strategy maps ``(h [B, T, d], sae, mask [B, T] bool)`` to a new ``h`` of the same shape, dtype
+and device. The feature set and the parameters live in the (frozen) strategy object; nothing else
+is read or kept, so the same call with the same inputs always gives the same output.
+
+Shared promises:
+
+- **Masked positions are untouched.** Where ``mask`` is False the output is bit-identical to
+  ``h``. The runtime uses the mask to keep left padding and the chat-template prefix (BOS, system
+  prompt, role header) out: those positions carry massive activations the SAE never saw.
+- **The SAE's reconstruction error is kept.** An edit only *adds* to ``h``: feature directions
+  (Amplification, Calibration) or ``decode(edited) - decode(original)`` (Clamp, Ablate). ``h`` is
+  never replaced by the SAE's reconstruction.
+- **Work happens in the SAE's dtype** (usually float32) and the result is cast back to ``h``'s.
+
+Units. ``alpha`` (Amplification) is a length in the raw residual space: ``alpha`` times a sum of
+*unit* decoder directions is added. ``target`` (Calibration) and ``value`` (Clamp) are SAE
+activation levels: they move along the raw-space decoder rows ``W_dec[s] / norm_scale``, so that
+adding ``c`` times a row raises the decoded latent ``s`` by ``c`` — exactly what
+``decode(a + c e_s) - decode(a)`` adds.
+
+Conditional steering. Amplification and Calibration take an optional :class:`Condition`: a set of
+*harm* features and a threshold. ``mode="prompt"`` decides once per sequence, from the prompt's
+editable positions; ``mode="token"`` decides at every position. A closed gate leaves the
+positions untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from steerlex.errors import SteerlexError
+from steerlex.sae.model import TopKSAE
+
+__all__ = [
+    "DEFAULT_GATE_THRESHOLD",
+    "DEFAULT_TARGET",
+    "STRATEGY_NAMES",
+    "Ablate",
+    "Amplification",
+    "Calibration",
+    "Clamp",
+    "Condition",
+    "GateMode",
+    "SteeringError",
+    "SteeringStrategy",
+    "feature_pre_acts",
+    "make_strategy",
+]
+
+DEFAULT_TARGET = 2.5
+"""Calibration's target activation level ``m`` (the value in the paper authors' code)."""
+
+DEFAULT_GATE_THRESHOLD = 0.1
+"""The conditional gate opens when the harm features' mean positive activation reaches this
+(the authors' gate)."""
+
+GateMode = Literal["prompt", "token"]
+GATE_MODES: tuple[GateMode, ...] = ("prompt", "token")
+
+
+class SteeringError(SteerlexError):
+    """A steering strategy, feature set or steered generation that cannot be used as asked."""
+
+
+# --- validation helpers ------------------------------------------------------------------------
+
+
+def _feature_ids(features: Iterable[Any], what: str) -> tuple[int, ...]:
+    if isinstance(features, (str, bytes)):
+        raise SteeringError(
+            f"{what} must be a sequence of feature ids (ints), got the string {features!r}; "
+            "parse comma-separated ids first, e.g. [3, 17, 42]."
+        )
+    try:
+        items = list(features)
+    except TypeError:
+        raise SteeringError(
+            f"{what} must be a sequence of feature ids (ints), got {type(features).__name__}."
+        ) from None
+    if not items:
+        raise SteeringError(f"{what} is empty; give at least one feature id.")
+    out: list[int] = []
+    for f in items:
+        if isinstance(f, (bool, float)):
+            fid = None
+        else:
+            try:
+                fid = operator.index(f)
+            except TypeError:
+                fid = None
+        if fid is None:
+            raise SteeringError(
+                f"{what} must hold integer feature ids, got {f!r} ({type(f).__name__})."
+            )
+        if fid < 0:
+            raise SteeringError(f"{what} holds the negative id {fid}; feature ids are >= 0.")
+        out.append(fid)
+    dupes = sorted({f for f in out if out.count(f) > 1})
+    if dupes:
+        raise SteeringError(f"{what} lists feature id(s) {dupes} more than once; list each once.")
+    return tuple(out)
+
+
+def _finite(value: Any, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SteeringError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    v = float(value)
+    if not math.isfinite(v):
+        raise SteeringError(f"{name} must be a finite number, got {v}.")
+    if positive and v <= 0:
+        raise SteeringError(f"{name} must be > 0, got {v}.")
+    if nonnegative and v < 0:
+        raise SteeringError(f"{name} must be >= 0, got {v}.")
+    return v
+
+
+def _check_in_range(features: Sequence[int], sae: TopKSAE, what: str) -> None:
+    bad = [f for f in features if f >= sae.d_sae]
+    if bad:
+        raise SteeringError(
+            f"{what} holds id(s) {bad[:5]} out of range for this SAE with d_sae={sae.d_sae}; "
+            f"valid ids are 0..{sae.d_sae - 1}. Was the feature list made for another SAE?"
+        )
+
+
+def _check_call(h: Tensor, sae: TopKSAE, mask: Tensor) -> None:
+    if h.dim() != 3 or h.shape[-1] != sae.d_in:
+        raise SteeringError(
+            f"a strategy takes h of shape [batch, seq, {sae.d_in}] (the SAE's d_in), got "
+            f"{tuple(h.shape)}."
+        )
+    if mask.shape != h.shape[:2] or mask.dtype != torch.bool:
+        raise SteeringError(
+            f"mask must be a bool tensor of shape {tuple(h.shape[:2])} [batch, seq], got "
+            f"{mask.dtype} of shape {tuple(mask.shape)}."
+        )
+
+
+# --- SAE views --------------------------------------------------------------------------------
+
+
+def feature_pre_acts(sae: TopKSAE, h: Tensor, features: Sequence[int]) -> Tensor:
+    """Encoder pre-activations ``[..., len(features)]`` of raw ``h [..., d_in]`` for ``features``.
+
+    The same numbers as ``sae.pre_acts(h)[..., features]`` (``(s*h - b_dec) W_enc[:, S] +
+    b_enc[S]``), computed for the selected columns only. Returned in the SAE's dtype.
+    """
+    idx = torch.as_tensor(list(features), device=sae.W_enc.device, dtype=torch.long)
+    w = sae.W_enc.index_select(1, idx)
+    b = sae.b_enc.index_select(0, idx)
+    if sae.cfg.apply_b_dec_to_input:
+        b = b - sae.b_dec @ w
+    x = h.to(device=w.device, dtype=w.dtype) * sae.cfg.norm_scale
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], len(features))
+
+
+def _decoder_rows(sae: TopKSAE, features: Sequence[int]) -> Tensor:
+    """Raw-space decoder rows ``W_dec[S] / norm_scale``: ``[len(S), d_in]``."""
+    idx = torch.as_tensor(list(features), device=sae.W_enc.device, dtype=torch.long)
+    return sae.W_dec.index_select(0, idx) / sae.cfg.norm_scale
+
+
+def _unit_rows(sae: TopKSAE, features: Sequence[int]) -> Tensor:
+    """Unit-norm decoder directions of ``features`` in raw space: ``[len(S), d_in]``."""
+    rows = _decoder_rows(sae, features)
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _keep_norm(edited: Tensor, original: Tensor) -> Tensor:
+    """``edited`` rescaled to ``original``'s norm at each position (zero vectors stay as they are)."""
+    new = edited.norm(dim=-1, keepdim=True)
+    scale = torch.where(new > 0, original.norm(dim=-1, keepdim=True) / new.clamp_min(1e-12), 1.0)
+    return edited * scale
+
+
+def _merge(h: Tensor, edited: Tensor, mask: Tensor) -> Tensor:
+    """``edited`` where ``mask``, ``h`` itself (bit-identical) elsewhere; in ``h``'s dtype."""
+    return torch.where(mask.unsqueeze(-1), edited.to(h.dtype), h)
+
+
+# --- the conditional gate ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Steer only where the *harm* features fire.
+
+    The harm score of a position is the mean over ``features`` of ``relu(pre-activation)``.
+
+    - ``mode="prompt"``: the gate of a sequence opens when the mean harm score over the prompt's
+      editable positions is ``>= threshold``; the runtime decides once, after prefill, and keeps
+      the decision for every decoding step of that sequence.
+    - ``mode="token"``: the gate opens at each position whose own harm score is ``>= threshold``
+      (prompt positions and every decoding step).
+
+    ``threshold`` defaults to 0.1, the paper authors' gate.
+    """
+
+    features: tuple[int, ...]
+    threshold: float = DEFAULT_GATE_THRESHOLD
+    mode: GateMode = "prompt"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", _feature_ids(self.features, "harm features"))
+        object.__setattr__(
+            self, "threshold", _finite(self.threshold, "harm threshold", nonnegative=True)
+        )
+        if self.mode not in GATE_MODES:
+            raise SteeringError(
+                f"gate mode must be one of {', '.join(GATE_MODES)}, got {self.mode!r}."
+            )
+
+    def check(self, sae: TopKSAE) -> None:
+        _check_in_range(self.features, sae, "harm features")
+
+    def scores(self, h: Tensor, sae: TopKSAE) -> Tensor:
+        """Harm score ``[B, T]`` of every position (SAE dtype)."""
+        return F.relu(feature_pre_acts(sae, h, self.features)).mean(dim=-1)
+
+    def prompt_score(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> Tensor:
+        """Mean harm score ``[B]`` over each row's ``mask`` positions (0 for a row with none)."""
+        s = self.scores(h, sae)
+        m = mask.to(s.dtype)
+        return (s * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+    def prompt_gate(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> Tensor:
+        """``[B]`` bool: the prompt-mode decision for each row (closed if it has no position)."""
+        return (self.prompt_score(h, sae, mask) >= self.threshold) & mask.any(dim=1)
+
+    def token_gate(self, h: Tensor, sae: TopKSAE) -> Tensor:
+        """``[B, T]`` bool: the token-mode decision at each position."""
+        return self.scores(h, sae) >= self.threshold
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SteeringStrategy:
+    """Base of every strategy: a frozen feature set and parameters, applied by ``__call__``."""
+
+    name: ClassVar[str] = "strategy"
+    strength_name: ClassVar[str] = "strength"
+
+    features: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", _feature_ids(self.features, "features"))
+
+    # Subclasses override these two.
+    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(edited h in the SAE's dtype, positions actually edited [B, T])``."""
+        raise NotImplementedError
+
+    @property
+    def strength(self) -> float:
+        """The main knob: Amplification's alpha, Calibration's target, Clamp's value."""
+        raise NotImplementedError
+
+    def with_strength(self, value: float) -> SteeringStrategy:
+        """A copy with another :attr:`strength`."""
+        raise NotImplementedError
+
+    @property
+    def condition(self) -> Condition | None:
+        return None
+
+    def describe(self) -> str:
+        """One line, e.g. ``calibrate target=2.5 on 12 features, gate prompt >= 0.1 on 4``."""
+        out = f"{self.name} {self.strength_name}={self.strength:g} on {len(self.features)} features"
+        cond = self.condition
+        if cond is not None:
+            out += f", gate {cond.mode} >= {cond.threshold:g} on {len(cond.features)} harm features"
+        return out
+
+    def check(self, sae: TopKSAE) -> None:
+        """Raise :class:`SteeringError` unless every feature id exists in ``sae``."""
+        _check_in_range(self.features, sae, "features")
+        if self.condition is not None:
+            self.condition.check(sae)
+
+    def __call__(
+        self, h: Tensor, sae: TopKSAE, mask: Tensor, *, gate: Tensor | None = None
+    ) -> Tensor:
+        """The edited ``h`` (same shape/dtype/device); masked positions bit-identical.
+
+        ``gate`` (``[B]`` bool, prompt-mode condition only) is a decision already taken for
+        each row, e.g. at prefill; without it a prompt-mode condition decides from ``h`` at the
+        ``mask`` positions. A token-mode condition always decides per position from ``h``.
+        """
+        _check_call(h, sae, mask)
+        self.check(sae)
+        cond = self.condition
+        if cond is not None:
+            if cond.mode == "token":
+                mask = mask & cond.token_gate(h, sae).to(mask.device)
+            else:
+                rows = cond.prompt_gate(h, sae, mask) if gate is None else gate
+                if rows.shape != (h.shape[0],):
+                    raise SteeringError(
+                        f"gate must be a [batch] bool tensor of shape ({h.shape[0]},), got "
+                        f"{tuple(rows.shape)}."
+                    )
+                mask = mask & rows.to(mask.device).unsqueeze(1)
+        edited, where = self._edit(h, sae, mask)
+        return _merge(h, edited, mask & where)
+
+
+@dataclass(frozen=True)
+class Amplification(SteeringStrategy):
+    """Push the chosen features up: ``h + alpha * sum_s w_s * d_s`` at every editable position.
+
+    ``d_s`` is the unit decoder direction of feature ``s`` in raw space, ``w_s`` its weight (1 by
+    default), ``alpha`` a length in residual units (negative pushes down; 0 is the identity).
+    ``keep_norm`` rescales each edited position back to its original norm.
+    """
+
+    name: ClassVar[str] = "amplify"
+    strength_name: ClassVar[str] = "alpha"
+
+    alpha: float = 1.0
+    weights: tuple[float, ...] | None = None
+    keep_norm: bool = False
+    condition: Condition | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "alpha", _finite(self.alpha, "alpha"))
+        if self.weights is not None:
+            weights = tuple(_finite(w, "each feature weight") for w in self.weights)
+            if len(weights) != len(self.features):
+                raise SteeringError(
+                    f"weights has {len(weights)} entries but there are {len(self.features)} "
+                    "features; give one weight per feature, or none for equal weights."
+                )
+            object.__setattr__(self, "weights", weights)
+
+    @property
+    def strength(self) -> float:
+        return self.alpha
+
+    def with_strength(self, value: float) -> Amplification:
+        return replace(self, alpha=value)
+
+    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if self.alpha == 0.0:  # exactly the identity, also with keep_norm
+            return h, torch.zeros_like(mask)
+        dirs = _unit_rows(sae, self.features)
+        if self.weights is not None:
+            dirs = dirs * torch.tensor(self.weights, dtype=dirs.dtype, device=dirs.device)[:, None]
+        x = h.to(device=dirs.device, dtype=dirs.dtype)
+        edited = x + self.alpha * dirs.sum(dim=0)
+        if self.keep_norm:
+            edited = _keep_norm(edited, x)
+        return edited.to(h.device), torch.ones_like(mask)
+
+
+@dataclass(frozen=True)
+class Calibration(SteeringStrategy):
+    """Raise the chosen features towards level ``target`` (the paper authors' rule).
+
+    With ``a_S`` the features' encoder pre-activations at a position:
+    ``v = relu(target - relu(a_S))``; ``h~ = h + target * sum_s (v_s / sum v) * d_s`` with
+    ``d_s`` the raw-space decoder row; with ``keep_norm`` (default) ``h' = h~ * |h| / |h~|``.
+    Positions where every feature already reaches ``target`` (``sum v = 0``) are left as they are.
+    """
+
+    name: ClassVar[str] = "calibrate"
+    strength_name: ClassVar[str] = "target"
+
+    target: float = DEFAULT_TARGET
+    keep_norm: bool = True
+    condition: Condition | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "target", _finite(self.target, "target", positive=True))
+
+    @property
+    def strength(self) -> float:
+        return self.target
+
+    def with_strength(self, value: float) -> Calibration:
+        return replace(self, target=value)
+
+    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+        a = feature_pre_acts(sae, h, self.features)  # [B, T, S]
+        v = F.relu(self.target - F.relu(a))
+        total = v.sum(dim=-1, keepdim=True)
+        needed = total.squeeze(-1) > 0
+        share = v / total.clamp_min(torch.finfo(v.dtype).tiny)  # 0 where total == 0: no NaN
+        rows = _decoder_rows(sae, self.features)
+        x = h.to(device=rows.device, dtype=rows.dtype)
+        edited = x + self.target * (share @ rows)
+        if self.keep_norm:
+            edited = _keep_norm(edited, x)
+        return edited.to(h.device), needed.to(mask.device)
+
+
+@dataclass(frozen=True)
+class Clamp(SteeringStrategy):
+    """Set the chosen features' SAE activations to ``value``: ``h + sum_s (value - a_s) W_dec[s]``.
+
+    ``a_s`` is the SAE's actual activation (after TopK for a TopK SAE; ``W_dec`` in raw space), so
+    the added vector is ``decode(edited) - decode(original)`` restricted to the features and the
+    reconstruction error stays in ``h``.
+    """
+
+    name: ClassVar[str] = "clamp"
+    strength_name: ClassVar[str] = "value"
+
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "value", _finite(self.value, "clamp value"))
+
+    @property
+    def strength(self) -> float:
+        return self.value
+
+    def with_strength(self, value: float) -> Clamp:
+        return replace(self, value=value)
+
+    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(list(self.features), device=sae.W_enc.device, dtype=torch.long)
+        a = sae.encode(h.to(sae.W_enc.device)).index_select(-1, idx)  # [B, T, S]
+        rows = _decoder_rows(sae, self.features)
+        x = h.to(device=rows.device, dtype=rows.dtype)
+        edited = x + (self.value - a) @ rows
+        return edited.to(h.device), torch.ones_like(mask)
+
+
+@dataclass(frozen=True)
+class Ablate(Clamp):
+    """Switch the chosen features off: :class:`Clamp` to 0."""
+
+    name: ClassVar[str] = "ablate"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.value != 0.0:
+            raise SteeringError(f"Ablate always clamps to 0, got value={self.value}; use Clamp.")
+
+    def with_strength(self, value: float) -> Clamp:
+        raise SteeringError("Ablate has no strength to set; use Clamp(features, value) instead.")
+
+    def describe(self) -> str:
+        return f"ablate {len(self.features)} features"
+
+
+STRATEGY_NAMES: tuple[str, ...] = ("amplify", "calibrate", "clamp", "ablate")
+
+
+def make_strategy(
+    name: str,
+    features: Sequence[int],
+    *,
+    alpha: float | None = None,
+    target: float | None = None,
+    value: float | None = None,
+    keep_norm: bool | None = None,
+    condition: Condition | None = None,
+) -> SteeringStrategy:
+    """Build a strategy by name (``amplify``, ``calibrate``, ``clamp``, ``ablate``).
+
+    Parameters that do not apply to the strategy raise :class:`SteeringError` (so a typo in a
+    config does not pass silently); unset ones take the strategy's defaults.
+    """
+    given = {
+        "alpha": alpha,
+        "target": target,
+        "value": value,
+        "keep_norm": keep_norm,
+        "condition": condition,
+    }
+    allowed = {
+        "amplify": {"alpha", "keep_norm", "condition"},
+        "calibrate": {"target", "keep_norm", "condition"},
+        "clamp": {"value"},
+        "ablate": set(),
+    }
+    if name not in allowed:
+        raise SteeringError(
+            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}."
+        )
+    extra = sorted(k for k, v in given.items() if v is not None and k not in allowed[name])
+    if extra:
+        raise SteeringError(
+            f"strategy {name!r} does not take {', '.join(extra)}; it takes "
+            f"{', '.join(sorted(allowed[name])) or 'no parameters'}."
+        )
+    kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k != "condition"}
+    feats = tuple(features)
+    if name == "amplify":
+        return Amplification(feats, condition=condition, **kw)
+    if name == "calibrate":
+        return Calibration(feats, condition=condition, **kw)
+    if name == "clamp":
+        return Clamp(feats, **kw)
+    return Ablate(feats)
