@@ -1,6 +1,6 @@
-"""``steerlex generate`` and ``steerlex chat``: steered replies from the command line.
+"""``steerlex generate``, ``steerlex chat`` and ``steerlex serve``: steered replies from the command line.
 
-:func:`add_steer_parsers` adds both subcommands to steerlex's argparse subparsers; the main CLI
+:func:`add_steer_parsers` adds the subcommands to steerlex's argparse subparsers; the main CLI
 turns a :class:`~steerlex.errors.SteerlexError` into one message and exit status 2.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from steerlex.steer.server import API_KEY_ENV
 from steerlex.steer.strategies import (
     DEFAULT_GATE_THRESHOLD,
     GATE_MODES,
@@ -292,10 +293,98 @@ def _chat_command(line: str, steered: Any) -> bool:
     return True
 
 
+# --- serve ----------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from steerlex.steer.server import ServerLimits, make_server
+
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_messages=args.max_messages,
+        max_tokens=args.max_tokens_limit,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_queue=args.max_queue,
+    )
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    steered, _labels = _build(args)
+    try:
+        server = make_server(
+            steered,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            model_name=args.model_name,
+            limits=limits,
+        )
+    except OSError as exc:
+        raise SteeringError(
+            f"cannot listen on {args.host}:{args.port} ({exc}); pick another --port."
+        ) from None
+    url, model = server.url, server.model_name
+    from_env = args.api_key is None and bool(api_key)
+    key = f"${API_KEY_ENV}" if from_env else "<your key>" if api_key else "none"
+    print(f"steering {'on' if steered.enabled else 'off'}: {steered.strategy.describe()}")
+    print(f"serving {model} at {url}/v1 (auth {'on' if api_key else 'off'}); Ctrl-C stops")
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: {args.host} is reachable from other machines and there is no API key; "
+            f"set {API_KEY_ENV} or --api-key",
+            file=sys.stderr,
+        )
+    auth = f' -H "Authorization: Bearer {key}"' if api_key else ""
+    body = (
+        f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], '
+        '"steerlex": {"steer": true}}'
+    )
+    print("try:")
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'")
+    print("or in Python:")
+    print("  from openai import OpenAI")
+    print(f'  client = OpenAI(base_url="{url}/v1", api_key="{key}")')
+    print(
+        f'  r = client.chat.completions.create(model="{model}", '
+        'messages=[{"role": "user", "content": "Hello"}], '
+        'extra_body={"steerlex": {"strength": 1.5}})'
+    )
+    print("  print(r.choices[0].message.content, r.model_extra['steerlex']['fired'])")
+    sys.stdout.flush()
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
+    return 0
+
+
 # --- parsers --------------------------------------------------------------------------------------
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    _steering_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --sample (default 1.0)")
+    p.add_argument("--seed", type=int, help="with --sample: reproducible sampling")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--show", type=int, default=8, help="fired features shown per reply (default 8)")
+
+
+def _steering_args(p: argparse.ArgumentParser) -> None:
+    """The arguments :func:`_build` reads: model, SAE, features, strategy, device."""
     p.add_argument("--sae", required=True, help="SAE directory or file (trained on the model)")
     p.add_argument("--model", help="model spec (default: the one the SAE records)")
     p.add_argument("--layer", type=int, help="0-based layer to edit (default: the SAE's)")
@@ -328,13 +417,6 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="prompt: decide once per prompt (default); token: decide at every token",
     )  # fmt: skip
     p.add_argument("--no-steer", action="store_true", help="start with steering off")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --sample (default 1.0)")
-    p.add_argument("--seed", type=int, help="with --sample: reproducible sampling")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--show", type=int, default=8, help="fired features shown per reply (default 8)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument(
         "--dtype", default="float32", help="float32, bfloat16, float16 (default float32)"
@@ -346,7 +428,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_steer_parsers(sub: Any) -> None:
-    """Add ``generate`` and ``chat`` to ``sub`` (the result of ``add_subparsers``)."""
+    """Add ``generate``, ``chat`` and ``serve`` to ``sub`` (the result of ``add_subparsers``)."""
     p = sub.add_parser("generate", help="steered replies to prompts, with the features that fired")
     _common(p)
     p.add_argument("--prompt", action="append", help="a prompt; repeatable")
@@ -366,3 +448,37 @@ def add_steer_parsers(sub: Any) -> None:
     )
     _common(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP API (/v1/chat/completions) over the steered model"
+    )
+    _steering_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    p.add_argument(
+        "--api-key",
+        help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV} if set; the "
+        "environment keeps the key out of the process list)",
+    )
+    p.add_argument("--model-name", help="the model id clients send (default: the model's name)")
+    p.add_argument(
+        "--max-queue", type=int, default=16,
+        help="requests that may wait while one runs; more get 429 (default 16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=512,
+        help="largest max_tokens a request may ask for (default 512)",
+    )  # fmt: skip
+    p.add_argument(
+        "--default-max-tokens", type=int, default=256,
+        help="max_tokens when a request gives none (default 256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-prompt-tokens", type=int, default=4096,
+        help="largest chat-formatted prompt in tokens (default 4096)",
+    )  # fmt: skip
+    p.add_argument("--max-messages", type=int, default=64, help="per request (default 64)")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)"
+    )
+    p.set_defaults(func=cmd_serve)
