@@ -33,3 +33,17 @@ def test_kl_is_zero_for_equal_and_positive_for_different_logits() -> None:
     b = a.clone()
     b[..., 0] += 3.0
     assert (kl_per_position(b, a) > 0).all()
+
+
+def test_calibrate_gate_threshold() -> None:
+    from steerlex.evaluate.defences import calibrate_gate
+    from steerlex.evaluate.sets import EvalError
+
+    # harmful 0.3, 0.5, 0.7; benign 0.1, 0.2, 0.4: t = 0.5 gives TPR 2/3, FPR 0 (J = 2/3);
+    # t = 0.3 gives TPR 1, FPR 1/3 (J = 2/3): the tie goes to the higher threshold.
+    t, j = calibrate_gate([0.3, 0.5, 0.7], [0.1, 0.2, 0.4])
+    assert t == 0.5 and j == pytest.approx(2 / 3)
+    t, j = calibrate_gate([0.9], [0.1])
+    assert t == 0.9 and j == 1.0
+    with pytest.raises(EvalError, match="harmful and benign"):
+        calibrate_gate([], [0.1])

@@ -399,3 +399,66 @@ def generate_replies(
             on_batch(idx, replies)
     finally:
         steered.enabled = False
+
+
+def gate_scores(
+    loaded: LoadedModel,
+    sae: TopKSAE,
+    texts: Sequence[str],
+    harm: Sequence[int],
+    *,
+    layer: int,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> list[float]:
+    """The prompt-mode gate's harm score of each chat-formatted prompt.
+
+    The same number :class:`~steerlex.steer.strategies.Condition` computes after prefill:
+    the mean over the prompt's editable positions (from the user's text to the end of the
+    prompt) of the mean ``relu(pre-activation)`` of the ``harm`` features.
+    """
+    from steerlex.steer.strategies import Condition
+
+    cond = Condition(tuple(int(h) for h in harm))
+    tok, model = loaded.tokenizer, loaded.model
+    chat = has_chat_template(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        enc = [
+            encode_prompt(tok, t, chat=chat, max_length=max_length)
+            for t in texts[start : start + batch_size]
+        ]
+        width = max(len(e.input_ids) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(enc), width), dtype=torch.long)
+        editable = torch.zeros((len(enc), width), dtype=torch.bool)
+        for i, e in enumerate(enc):
+            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            attn[i, : len(e.input_ids)] = 1
+            editable[i, e.content_start : len(e.input_ids)] = True
+        with torch.no_grad():
+            h = forward_to_layer(model, ids.to(loaded.device), attn.to(loaded.device), layer)
+            dev = sae.W_enc.device
+            score = cond.prompt_score(h.to(dev, sae.W_enc.dtype), sae, editable.to(dev))
+        out.extend(float(s) for s in score.cpu())
+    return out
+
+
+def calibrate_gate(harmful: Sequence[float], benign: Sequence[float]) -> tuple[float, float]:
+    """``(threshold, youden_j)``: the gate threshold that best separates harmful from
+    benign selection prompts (maximum of TPR − FPR over the observed scores; a tie goes to
+    the higher threshold, i.e. fewer benign prompts gated).
+
+    Raises:
+        EvalError: an empty group.
+    """
+    if not harmful or not benign:
+        raise EvalError("Calibrating the gate needs harmful and benign selection prompts.")
+    best_t, best_j = max(list(harmful) + list(benign)), -1.0
+    for t in sorted(set(harmful) | set(benign)):
+        tpr = sum(s >= t for s in harmful) / len(harmful)
+        fpr = sum(s >= t for s in benign) / len(benign)
+        if tpr - fpr >= best_j - 1e-12:  # ties (up to rounding) go to the higher one
+            best_t, best_j = t, tpr - fpr
+    return float(best_t), float(best_j)

@@ -494,6 +494,35 @@ def run_eval(
             }
         return data_ids
 
+    gate_cache: dict[tuple[int, ...], float] = {}
+
+    def calibrated_gate(harm: tuple[int, ...]) -> float:
+        """The gate threshold from the selection split (Youden's J), once per feature set."""
+        if harm not in gate_cache:
+            from steerlex.evaluate.defences import calibrate_gate, gate_scores
+
+            kw: dict[str, Any] = {
+                "layer": layer,
+                "batch_size": cfg.generation.batch_size,
+                "max_length": cfg.tuning_max_length,
+            }
+            hs = gate_scores(loaded, run_sae, sets.tuning["harmful"], harm, **kw)
+            bs = gate_scores(loaded, run_sae, sets.tuning["benign"], harm, **kw)
+            threshold, j = calibrate_gate(hs, bs)
+            gate_cache[harm] = threshold
+            info.setdefault("gate_calibration", []).append(
+                {
+                    "harm_features": list(harm),
+                    "threshold": threshold,
+                    "youden_j": j,
+                    "harmful_scores": hs,
+                    "benign_scores": bs,
+                    "rule": "threshold maximising TPR - FPR on the selection split's "
+                    "tuning prompts (prompt-mode harm score)",
+                }
+            )
+        return gate_cache[harm]
+
     sae_id = sae_fingerprint(sae) if sae is not None else None
     conditions: dict[str, list[Condition]] = {}
     features_used: dict[str, Any] = {}
@@ -544,11 +573,10 @@ def run_eval(
                     if hspec is not None
                     else data_features()
                 )
-                gate = Gate(
-                    tuple(harm),
-                    d.gate_threshold if d.gate_threshold is not None else 0.1,
-                    "token" if d.gate_mode == "token" else "prompt",
-                )
+                threshold = d.gate_threshold
+                if threshold is None:
+                    threshold = calibrated_gate(tuple(harm))
+                gate = Gate(tuple(harm), threshold, "token" if d.gate_mode == "token" else "prompt")
             features_used[d.label] = {
                 "features": feats,
                 "harm_features": list(gate.features) if gate else None,
