@@ -137,6 +137,7 @@ def test_output_generation_hits(tiny_loaded: LoadedModel) -> None:
     )
     extra = res["m"].extra
     assert 0.0 <= extra["generation_hit_rate"] <= 1.0
+    assert 0.0 <= extra["generation_clean_hit_rate"] <= 1.0
     assert 0.0 <= extra["generation_random_hit_rate"] <= 1.0
 
 
@@ -238,3 +239,27 @@ def test_sae_mismatch_and_missing_layer(tiny_loaded: LoadedModel) -> None:
         input_faithfulness(
             tiny_loaded, make_sae(), {"m": {0: ["cat"]}}, [0], WORDS, words_per_text=0
         )
+
+
+def test_output_specificity_of_oracles(tiny_loaded: LoadedModel) -> None:
+    """Each feature's own top-raised words rise more under its own edit than under the
+    other's: specificity 1.0 for both."""
+    sae = make_sae()
+    tok = tiny_loaded.tokenizer
+    words = [w for w in WORDS if word_token_ids(tok, [w])[0] == tok.convert_tokens_to_ids(w)]
+    by_id = {tok.convert_tokens_to_ids(w): w for w in words}
+    norms = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            h = forward_to_layer(tiny_loaded.model, torch.tensor([tok.encode(p)]), layer=LAYER)
+            norms.extend(h[0, 1:].norm(dim=-1).tolist())
+    scale = sum(norms) / len(norms)
+    oracle = {}
+    for f in (3, 7):
+        order = [t for t in _delta_ranking(tiny_loaded, sae, f, scale) if t in by_id]
+        oracle[f] = [by_id[t] for t in order[:3]]
+    res = output_faithfulness(
+        tiny_loaded, sae, {"oracle": oracle}, [3, 7], words, prompts=PROMPTS,
+        strengths=(1.0,), n_words=3, n_random=10, progress=False,
+    )  # fmt: skip
+    assert res["oracle"].extra["specificity_mean"] == 1.0

@@ -312,7 +312,14 @@ def output_faithfulness(
 
     Returns:
         ``{method: FaithfulnessSummary}`` with per-feature AUROC and, in ``extra``, the mean
-        lift in nats with its interval and the count of features with no scorable word.
+        lift in nats with its interval, the count of features with no scorable word, and the
+        **specificity**: the share of the other sampled features whose edit raises this
+        feature's explanation words (mean ``Δ``) less than its own edit does (0.5 = chance).
+        Specificity compares the same words under different edits, so it is free of word
+        frequency, which the random-word AUROC is not (frequent words react differently to
+        any edit). With ``generate_tokens``, ``extra["generation_clean_hit_rate"]`` is the
+        same check on unsteered continuations (the control for words that appear anyway,
+        such as "the").
     """
     model, tok = _unpack(loaded)
     layer = _check_sae(sae, model)
@@ -373,9 +380,22 @@ def output_faithfulness(
         bar.close()
 
         gen_hits: dict[str, list[float]] = {}
+        clean_hits: dict[str, list[float]] = {}
         gen_random: list[float] = []
         texts: list[list[str]] = []
+        clean_texts: list[str] = []
         if generate_tokens > 0:
+            clean_texts = _steered_continuations(
+                model,
+                tok,
+                layer,
+                seqs,
+                torch.zeros((1, dirs.shape[1]), dtype=dirs.dtype, device=dirs.device),
+                generate_tokens,
+                batch_size,
+                pad,
+                False,
+            )[0]
             texts = _steered_continuations(
                 model,
                 tok,
@@ -402,11 +422,13 @@ def output_faithfulness(
     for method, by_feature in expl.items():
         per: dict[int, float] = {}
         lifts: list[float] = []
+        specific: list[float] = []
         unscorable = 0
         for i, c in enumerate(ids):
             words = by_feature.get(c, [])[:n_words]
             if texts and words:
                 gen_hits.setdefault(method, []).append(_hit(texts[i], words))
+                clean_hits.setdefault(method, []).append(_hit(clean_texts, words))
             pos_t = tokens_of(words)
             neg_t = [t for t in tokens_of(random_words[c]) if t not in set(pos_t)]
             if not pos_t or not neg_t:
@@ -415,15 +437,27 @@ def output_faithfulness(
             dp, dn = deltas[i, pos_t], deltas[i, neg_t]
             per[c] = auroc(dp, dn)
             lifts.append(float(dp.mean() - dn.mean()))
+            if len(ids) > 1:
+                # Frequency-free control: the same words under the other features' edits.
+                own = deltas[i, pos_t].mean()
+                others = torch.cat([deltas[:i, pos_t], deltas[i + 1 :, pos_t]]).mean(dim=1)
+                specific.append(auroc(own[None], others))
         lift_mean, lift_lo, lift_hi = mean_ci(lifts)
+        spec_mean, spec_lo, spec_hi = mean_ci(specific)
         extra: dict[str, Any] = {
             "lift_nats_mean": lift_mean,
             "lift_nats_ci": [lift_lo, lift_hi],
+            "specificity_mean": spec_mean,
+            "specificity_ci": [spec_lo, spec_hi],
             "unscorable_features": unscorable,
         }
         if texts:
             hits = gen_hits.get(method, [])
             extra["generation_hit_rate"] = sum(hits) / len(hits) if hits else math.nan
+            clean_h = clean_hits.get(method, [])
+            extra["generation_clean_hit_rate"] = (
+                sum(clean_h) / len(clean_h) if clean_h else math.nan
+            )
         out[method] = _summary(method, "output", len(ids), per, extra)
     if texts:
         gen_random = [_hit(texts[i], random_words[c][:n_words]) for i, c in enumerate(ids)]
@@ -757,10 +791,11 @@ def _fmt_ci(d: Mapping[str, Any], key: str = "auroc") -> str:
 def metrics_table(result: Mapping[str, Any]) -> str:
     """A markdown table (one row per method) of :func:`evaluate_explanations`' result."""
     head = (
-        "| method | output AUROC [95% CI] | output lift (nats) | input AUROC [95% CI] "
+        "| method | output AUROC [95% CI] | output lift (nats) | output specificity "
+        "| input AUROC [95% CI] "
         "| input silent | Diversity ↑ | Lexical ↓ | Dominate ↓ | superficial share (vocab) "
         "| levels sem / lex / morph / unclear |\n"
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|\n"
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|\n"
     )
     rows = []
     bias_m = result.get("frequency_bias", {}).get("methods", {})
@@ -791,7 +826,8 @@ def metrics_table(result: Mapping[str, Any]) -> str:
         lift = o.get("extra", {}).get("lift_nats_mean")
         silent = i.get("extra", {}).get("silent_share")
         rows.append(
-            f"| {m} | {_fmt_ci(o)} | {'–' if lift is None else f'{lift:.3f}'} | {_fmt_ci(i)} "
+            f"| {m} | {_fmt_ci(o)} | {'–' if lift is None else f'{lift:.3f}'} "
+            f"| {_fmt_ci(o.get('extra', {}), 'specificity')} | {_fmt_ci(i)} "
             f"| {'–' if silent is None else f'{silent:.2f}'} | {metric('diversity')} "
             f"| {metric('lexical')} | {metric('dominate')} | {sup_s} | {lev_s} |"
         )
