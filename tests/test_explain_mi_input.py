@@ -200,6 +200,7 @@ def test_scores_match_dense_and_chunks(score: str) -> None:
             beta=0.4,
             top_k=7,
             feature_chunk=chunk,
+            standardize=False,
         )
         assert torch.equal(i, ref_i[:, :7])
         torch.testing.assert_close(v, ref_v[:, :7].float())
@@ -208,7 +209,7 @@ def test_scores_match_dense_and_chunks(score: str) -> None:
 def test_hand_checked_case_and_default_temperature() -> None:
     # Two words, two features: word 0 excites feature 0, word 1 excites feature 1.
     acts = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    v, i = input_mi_scores(acts, alpha=1.0, beta=1.0, top_k=2)
+    v, i = input_mi_scores(acts, alpha=1.0, beta=1.0, top_k=2, standardize=False)
     assert i.tolist() == [[0, 1], [1, 0]]
     p_hi = math.exp(2) / (1 + math.exp(2))
     want_top = p_hi * (math.log(p_hi) + math.log(2))
@@ -217,14 +218,15 @@ def test_hand_checked_case_and_default_temperature() -> None:
     # alpha=None uses std/2.
     t = default_temperature(acts)
     torch.testing.assert_close(
-        input_mi_scores(acts, top_k=2)[0], input_mi_scores(acts, alpha=t, beta=t, top_k=2)[0]
+        input_mi_scores(acts, top_k=2, standardize=False)[0],
+        input_mi_scores(acts, alpha=t, beta=t, top_k=2, standardize=False)[0],
     )
 
 
 def test_log_p_c_prior() -> None:
     acts = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
     prior = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    v, _ = input_mi_scores(acts, alpha=0.5, beta=0.5, top_k=10, log_p_c=prior)
+    v, _ = input_mi_scores(acts, alpha=0.5, beta=0.5, top_k=10, log_p_c=prior, standardize=False)
     dense = torch.softmax(acts.double().T / 0.5, 1) * (
         torch.log_softmax(acts.double().T / 0.5, 0) - prior.double()[:, None]
     )
@@ -298,3 +300,17 @@ def test_ties_go_to_lower_word_index() -> None:
     acts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     _, idx = input_mi_scores(acts, alpha=1.0, beta=1.0, top_k=3)
     assert idx[0].tolist() == [0, 1, 3]
+
+
+def test_standardize_removes_hub_words() -> None:
+    """A word that is high on every feature (a "hub") tops the raw lists of the features it
+    is highest on; after z-scoring rows then columns each feature's own word comes first."""
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(30, 6, generator=gen) * 0.1
+    acts[0] += torch.tensor([3.0, 4.0, 3.0, 4.0, 3.0, 4.0])  # the hub: high everywhere
+    for c in range(6):
+        acts[1 + c, c] += 1.5  # word 1 + c belongs to feature c
+    _, raw = input_mi_scores(acts, alpha=0.5, beta=0.5, top_k=1, standardize=False)
+    assert raw[:, 0].tolist() == [1, 0, 3, 0, 5, 0]  # the hub wins half the features
+    _, std = input_mi_scores(acts, top_k=1)
+    assert std[:, 0].tolist() == [1, 2, 3, 4, 5, 6]

@@ -449,6 +449,17 @@ def default_temperature(acts: Tensor) -> float:
     return std / 2
 
 
+def _standardize(acts: Tensor) -> Tensor:
+    """``A`` z-scored per row (word, over features), then per column (feature, over words).
+
+    A row or column with no spread becomes zeros (it carries no preference).
+    """
+    a = acts.detach().to(torch.float64)
+    a = (a - a.mean(dim=1, keepdim=True)) / a.std(dim=1, keepdim=True).clamp_min(1e-12)
+    a = (a - a.mean(dim=0, keepdim=True)) / a.std(dim=0, keepdim=True).clamp_min(1e-12)
+    return a.to(torch.float32)
+
+
 def input_mi_scores(
     acts: Tensor,
     *,
@@ -458,8 +469,16 @@ def input_mi_scores(
     top_k: int = 50,
     log_p_c: Tensor | None = None,
     feature_chunk: int = 1024,
+    standardize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The top-K words of every feature from the activation matrix ``A [M, C]``.
+
+    With ``standardize`` (default), ``A`` is first z-scored per word (each row over the
+    features) and then per feature (each column over the words). Raw pre-activations carry
+    word-specific offsets: a few words ("sophisticated", "tremendous") score high on most
+    features and filled 1,583 of 4,096 top-10 lists at layer 6; z-scoring only the rows did
+    not help (input-side AUROC 0.50), rows then columns did (0.905 against 0.704 raw; see
+    docs/results.md).
 
     ``S[c, w] = A[w, c]``; ``p(w|c) = softmax_w(S/alpha)``, ``p(c|w) = softmax_c(S/beta)``;
     ``score="mi"``: ``p(w|c) · (log p(c|w) − log p(c))`` with ``p(c)`` uniform (or
@@ -492,6 +511,8 @@ def input_mi_scores(
         raise ExplainError("A contains non-finite values (NaN/inf).")
     if score not in SCORES:
         raise ExplainError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
+    if standardize:
+        acts = _standardize(acts)
     alpha = default_temperature(acts) if alpha is None else _check_temperature("alpha", alpha)
     beta = default_temperature(acts) if beta is None else _check_temperature("beta", beta)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_words:
