@@ -28,8 +28,14 @@ from tqdm.auto import tqdm
 
 from steerlex.evaluate.metrics import kl_per_position
 from steerlex.evaluate.sets import EvalError
-from steerlex.models.chat import EncodedPrompt, encode_prompt, has_chat_template
-from steerlex.models.hooks import edit_residual, forward_to_layer
+from steerlex.models.chat import (
+    EncodedPrompt,
+    encode_prompt,
+    has_chat_template,
+    pad_id,
+    prompt_residuals,
+)
+from steerlex.models.hooks import edit_residual
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.model import SAEConfig, TopKSAE
 from steerlex.steer.runtime import SteeredModel
@@ -153,27 +159,12 @@ def _content_means(
 ) -> tuple[Tensor, float]:
     """Mean over prompts of each prompt's mean layer-``layer`` output over its user-text
     tokens ``[d]`` (float64), and the mean norm of those token vectors."""
-    tok, model = loaded.tokenizer, loaded.model
-    chat = has_chat_template(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     total: Tensor | None = None
     norms: list[float] = []
     counted = 0
-    for start in range(0, len(texts), batch_size):
-        enc = [
-            encode_prompt(tok, t, chat=chat, max_length=max_length)
-            for t in texts[start : start + batch_size]
-        ]
-        enc = [e for e in enc if e.content_end > e.content_start]
-        if not enc:
-            continue
-        width = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[i, : len(e.input_ids)] = 1
-        resid = forward_to_layer(model, ids.to(loaded.device), mask.to(loaded.device), layer)
+    for enc, resid in prompt_residuals(
+        loaded, texts, layer, batch_size=batch_size, max_length=max_length, skip_empty=True
+    ):
         for i, e in enumerate(enc):
             rows = resid[i, e.content_start : e.content_end].double().cpu()
             total = rows.mean(dim=0) if total is None else total + rows.mean(dim=0)
@@ -252,7 +243,7 @@ def _answer_logits(
         _encode_with_answer(tok, cond, p, a, chat) for p, a in zip(prompts, answers, strict=True)
     ]
     width = max(len(seq) for _, seq in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     n = len(rows)
     ids = torch.full((n, width), int(pad), dtype=torch.long)
     attn = torch.zeros((n, width), dtype=torch.long)
@@ -420,26 +411,15 @@ def gate_scores(
     from steerlex.steer.strategies import Condition
 
     cond = Condition(tuple(int(h) for h in harm))
-    tok, model = loaded.tokenizer, loaded.model
-    chat = has_chat_template(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    dev = sae.W_enc.device
     out: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        enc = [
-            encode_prompt(tok, t, chat=chat, max_length=max_length)
-            for t in texts[start : start + batch_size]
-        ]
-        width = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(enc), width), dtype=torch.long)
-        editable = torch.zeros((len(enc), width), dtype=torch.bool)
+    for enc, h in prompt_residuals(
+        loaded, texts, layer, batch_size=batch_size, max_length=max_length
+    ):
+        editable = torch.zeros(h.shape[:2], dtype=torch.bool)
         for i, e in enumerate(enc):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attn[i, : len(e.input_ids)] = 1
             editable[i, e.content_start : len(e.input_ids)] = True
         with torch.no_grad():
-            h = forward_to_layer(model, ids.to(loaded.device), attn.to(loaded.device), layer)
-            dev = sae.W_enc.device
             score = cond.prompt_score(h.to(dev, sae.W_enc.dtype), sae, editable.to(dev))
         out.extend(float(s) for s in score.cpu())
     return out

@@ -565,26 +565,13 @@ class GuardJudge(_CachedJudge):
         return f"guard-v1:{ident}|max_new_tokens={self.max_new_tokens}"
 
     def _ask(self, behaviour: str, reply: str) -> str:
-        import torch
+        from steerlex.explain.summaries import greedy_completion
 
-        tok, model = self.loaded.tokenizer, self.loaded.model
         conv = [
             {"role": "user", "content": behaviour},
             {"role": "assistant", "content": reply.strip() or "(no reply)"},
         ]
-        text = tok.apply_chat_template(conv, tokenize=False)
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
-        enc = {k: v.to(self.loaded.device) for k, v in enc.items()}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-            )
-        answer = str(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-        return answer
+        text = self.loaded.tokenizer.apply_chat_template(conv, tokenize=False)
+        return greedy_completion(
+            self.loaded, text, max_new_tokens=self.max_new_tokens, add_special_tokens=False
+        )

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from steerlex.explain.mi import ExplainError
+from steerlex.models.chat import pad_id
 from steerlex.models.hooks import check_layer, edit_residual, forward_to_layer, residual_width
 
 __all__ = [
@@ -212,14 +213,6 @@ def word_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int | None]:
     return out
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(input_ids, attention_mask, position_ids)`` of left-padded sequences."""
     width = max(len(s) for s in seqs)
@@ -338,7 +331,7 @@ def output_faithfulness(
         )
     seqs = _encode_prompts(tok, prompts)
     device = next(model.parameters()).device
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     p_ids, p_mask, p_pos = (t.to(device) for t in _left_padded(seqs, pad))
     n_prompts = len(seqs)
 
@@ -654,7 +647,7 @@ def input_faithfulness(
                 for t in _sample_texts(f_rng, words, texts_per_feature, words_per_text)
             )
             slots[(method, c)] = (start, len(texts))
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     acts = _max_activations(model, sae, layer, texts, batch_size, pad, progress)
     neg_all = acts[:n_random_texts]
     out: dict[str, FaithfulnessSummary] = {}

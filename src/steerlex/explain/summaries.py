@@ -420,25 +420,34 @@ class TransformersBackend:
             return chat_text(tok, f"{system}\n\n{user}"), True
 
     def complete(self, system: str, user: str) -> str:
-        import torch
-
-        tok, model = self.loaded.tokenizer, self.loaded.model
         text, chat = self.prompt_text(system, user)
-        enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
-        enc = {k: v.to(self.loaded.device) for k, v in enc.items()}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-            )
-        new = out[0, enc["input_ids"].shape[1] :]
-        return str(tok.decode(new, skip_special_tokens=True))
+        return greedy_completion(
+            self.loaded, text, max_new_tokens=self.max_new_tokens, add_special_tokens=not chat
+        )
+
+
+def greedy_completion(
+    loaded: LoadedModel, text: str, *, max_new_tokens: int, add_special_tokens: bool
+) -> str:
+    """The greedy continuation of the already formatted ``text`` (special tokens dropped)."""
+    import torch
+
+    tok, model = loaded.tokenizer, loaded.model
+    enc = tok(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+    enc = {k: v.to(loaded.device) for k, v in enc.items()}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
+    new = out[0, enc["input_ids"].shape[1] :]
+    return str(tok.decode(new, skip_special_tokens=True))
 
 
 def backend_from_options(

@@ -8,10 +8,14 @@ assistant header). Harvesting uses that to leave out template positions.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from steerlex.errors import SteerlexError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _SENTINEL = "\u2063STEERLEX\u2063"
 
@@ -135,3 +139,55 @@ def _content_offset(tokenizer: Any, formatted: str, text: str, system_prompt: st
             "use --keep all with this tokenizer."
         )
     return found
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def prompt_residuals(
+    loaded: Any,
+    texts: Sequence[str],
+    layer: int,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+    system_prompt: str | None = None,
+    skip_empty: bool = False,
+) -> Iterator[tuple[list[EncodedPrompt], Tensor]]:
+    """Encode ``texts`` as prompts (chat-formatted when the tokenizer has a template, raw
+    otherwise), run them ``batch_size`` at a time, right-padded, to ``layer`` only, and yield
+    ``(encodings, residual [n, width, d])`` per batch (row ``i`` belongs to ``encodings[i]``;
+    positions past ``len(encodings[i].input_ids)`` are padding). ``skip_empty`` drops
+    prompts with no token of user text before the forward pass.
+    """
+    import torch
+
+    from steerlex.models.hooks import forward_to_layer
+
+    tok, model = loaded.tokenizer, loaded.model
+    chat = has_chat_template(tok)
+    pad = pad_id(tok)
+    for start in range(0, len(texts), batch_size):
+        enc = [
+            encode_prompt(tok, t, chat=chat, system_prompt=system_prompt, max_length=max_length)
+            for t in texts[start : start + batch_size]
+        ]
+        if skip_empty:
+            enc = [e for e in enc if e.content_end > e.content_start]
+        if not enc:
+            continue
+        width = max(len(e.input_ids) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[i, : len(e.input_ids)] = 1
+        with torch.no_grad():
+            resid = forward_to_layer(model, ids.to(loaded.device), mask.to(loaded.device), layer)
+        yield enc, resid

@@ -703,33 +703,19 @@ def mean_activations(
     of the user's own text, ``encode_prompt``'s content span, count), raw otherwise; the
     model runs up to ``layer`` only. Prompts with no content token are skipped.
     """
-    from steerlex.models.chat import encode_prompt, has_chat_template
-    from steerlex.models.hooks import forward_to_layer
+    from steerlex.models.chat import prompt_residuals
 
     if batch_size < 1 or max_length < 1:
         raise SelectionError(f"batch_size={batch_size} and max_length={max_length} must be >= 1.")
-    tok, model = loaded.tokenizer, loaded.model
-    chat = has_chat_template(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     counted = 0
     sae_device = sae.W_enc.device
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        enc = [
-            encode_prompt(tok, t, chat=chat, system_prompt=system_prompt, max_length=max_length)
-            for t in texts[start : start + batch_size]
-        ]
-        enc = [e for e in enc if e.content_end > e.content_start]
-        if not enc:
-            continue
-        width = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[i, : len(e.input_ids)] = 1
-        resid = forward_to_layer(model, ids.to(loaded.device), mask.to(loaded.device), layer)
+    batches = prompt_residuals(
+        loaded, texts, layer, batch_size=batch_size, max_length=max_length,
+        system_prompt=system_prompt, skip_empty=True,
+    )  # fmt: skip
+    n_batches = -(-len(texts) // batch_size)
+    for enc, resid in tqdm(batches, total=n_batches, desc=desc, unit="batch", disable=not progress):
         for i, e in enumerate(enc):
             rows = resid[i, e.content_start : e.content_end].to(sae_device)
             total += sae.encode(rows).mean(dim=0).to(torch.float64).cpu()
