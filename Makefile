@@ -2,9 +2,10 @@
 #   make run    install, then run the main job on the embedded default model
 #   make test   install test tools, then lint, type-check and run every test (slow ones too)
 VENV := .venv/bin
-MODEL ?= embedded:qwen2.5-coder-0.5b-instruct
-LAYER ?= 8
-RUN ?= runs/default
+# runs/<name>/report.html is the result (name: the profile's, default or quick, unless
+# NAME=... is given); PROFILE=quick runs the small model in minutes.
+NAME ?=
+PROFILE ?= default
 
 .PHONY: install install-test run test lint bench
 
@@ -14,15 +15,8 @@ install:
 install-test:
 	bash scripts/install.sh --test
 
-SOURCES := --source benign --source harmbench --source jailbreak-wild --limit 64
-
 run: install
-	$(VENV)/steerlex info $(MODEL)
-	$(VENV)/steerlex harvest --model $(MODEL) --layer $(LAYER) $(SOURCES) --split train --out $(RUN)/acts-train
-	$(VENV)/steerlex harvest --model $(MODEL) --layer $(LAYER) $(SOURCES) --split heldout --out $(RUN)/acts-heldout
-	$(VENV)/steerlex train-sae --activations $(RUN)/acts-train --out $(RUN)/sae --d-sae 2048 --k 32 \
-		--tokens 131072 --lr 2e-3 --warmup-steps 25
-	$(VENV)/steerlex eval-sae --sae $(RUN)/sae --activations $(RUN)/acts-heldout --max-lm-texts 16
+	$(VENV)/steerlex run --profile $(PROFILE) $(if $(NAME),--name $(NAME))
 
 lint:
 	$(VENV)/ruff check src tests benchmarks

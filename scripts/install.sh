@@ -38,4 +38,15 @@ if [[ -n "$EXTRAS" ]]; then
   "${PIP[@]}" "torch==2.13.0" "transformers>=5.0,<6" "sae-lens>=6.54,<7" "eai-sparsify>=1.3.3,<2"
 fi
 
+# Test-only: Debian's Chromium and ChromeDriver for the feature-browser test (a package,
+# never a browser download at test time). Needs root and apt; skipped otherwise (the test
+# then skips too, unless STEERLEX_REQUIRE_BROWSER=1 as in CI).
+if [[ -n "$EXTRAS" && ! -x /usr/bin/chromedriver ]] && command -v apt-get >/dev/null \
+   && [[ "$(id -u)" == 0 ]]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+    || { apt-get update -q >/dev/null && \
+         apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }
+fi
+
 echo "steerlex installed in .venv ($(.venv/bin/steerlex --version))"

@@ -720,12 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_neuronpedia)
 
     from steerlex.evaluate.cli import add_eval_parser
+    from steerlex.pipeline.cli import add_run_parser
     from steerlex.steer.cli import add_steer_parsers
     from steerlex.steer.select_cli import add_select_parser
 
     add_select_parser(sub)
     add_steer_parsers(sub)
     add_eval_parser(sub)
+    add_run_parser(sub)
 
     sae_cmd = sub.add_parser("sae", help="SAE file utilities")
     sae_sub = sae_cmd.add_subparsers(dest="sae_command", required=True, metavar="SUBCOMMAND")

@@ -3,15 +3,12 @@ types are errors naming the key), and the built-in profiles."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerlex.configs import from_dict_strict
+from steerlex.configs import build_strict, config_to_dict, merge, read_json_config
 from steerlex.evaluate.sets import EvalError, SourceSpec
 
 __all__ = [
@@ -177,140 +174,21 @@ def profile(name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- strict parsing
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return {
-            "str": "a string",
-            "int": "an integer",
-            "float": "a number",
-            "bool": "true/false",
-            "SourceSpec": 'a source object {"source": ...}',
-        }.get(tp.__name__, tp.__name__)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of ({_type_name(typing.get_args(tp)[0])})"
-    if origin is dict:
-        return "an object of strings"
-    return str(tp)
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    bad = EvalError(
-        f"Config key '{path}' must be {_type_name(tp)}, got {json.dumps(value)[:80]} "
-        f"({type(value).__name__})."
-    )
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, path)
-            except EvalError as exc:
-                if is_dataclass(arg) and isinstance(value, dict):
-                    raise exc from None
-        raise bad
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (arg,) = typing.get_args(tp)
-        return [_coerce(v, arg, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise bad
-        return dict(value)
-    if is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise bad
-
-
-def _build(cls: type, data: dict[str, Any], path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    prefix = f"{path}." if path else ""
-    what = f"config key(s) under '{path}':" if path else "config key(s)"
-    kwargs = {k: _coerce(v, hints[k], prefix + k) if k in hints else v for k, v in data.items()}
-    if set(kwargs) <= set(hints):
-        required = [
-            f.name
-            for f in fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [k for k in required if k not in kwargs]
-        if missing:
-            raise EvalError(f"Config is missing {', '.join(prefix + k for k in missing)}.")
-    return from_dict_strict(cls, kwargs, what, EvalError)
-
-
 def config_from_dict(data: dict[str, Any]) -> EvalConfig:
     """An :class:`EvalConfig` from a JSON object; unknown keys and wrong types raise
     :class:`EvalError` naming the key (e.g. ``sets.n_benign``)."""
     if not isinstance(data, dict):
         raise EvalError(f"The eval config must be a JSON object, got {type(data).__name__}.")
-    cfg = _build(EvalConfig, data, "")
+    cfg = build_strict(EvalConfig, data, "", EvalError)
     assert isinstance(cfg, EvalConfig)
     return cfg
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``, recursively for objects (lists are replaced)."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def read_config_dict(path: str | Path) -> dict[str, Any]:
     """The JSON object in the config file ``path`` (not yet checked)."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EvalError(f"The eval config {p} does not exist.") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise EvalError(f"The eval config {p} is not valid JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"The eval config {p} must hold a JSON object.")
-    return data
+    return read_json_config(path, "eval config", EvalError)
 
 
 def load_config(path: str | Path, *, base: dict[str, Any] | None = None) -> EvalConfig:
     """Read a JSON config file (on top of ``base``, e.g. a profile)."""
     return config_from_dict(merge(base or {}, read_config_dict(path)))
-
-
-def config_to_dict(cfg: Any) -> Any:
-    """A JSON-ready dict of a config (dataclasses and source specs included)."""
-    if is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
-    if isinstance(cfg, list):
-        return [config_to_dict(v) for v in cfg]
-    return cfg

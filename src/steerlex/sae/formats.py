@@ -421,7 +421,7 @@ def _saelens_architecture(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, 
         raise SAEError(
             f"SAE config {cfg_path} has architecture {arch!r}, which steerlex cannot load; "
             f"supported SAELens architectures: {', '.join(sorted(_FROM_SAELENS))}. Use an SAE "
-            "of one of these kinds, or train one with `steerlex sae train`."
+            "of one of these kinds, or train one with `steerlex train-sae`."
         )
     if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
         raise SAEError(f"SAE config {cfg_path} has a non-integer k={k!r}.")

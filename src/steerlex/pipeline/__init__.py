@@ -1,0 +1,1 @@
+"""The whole chain in one command: ``steerlex run`` (docs/pipeline.md)."""

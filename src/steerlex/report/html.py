@@ -1,0 +1,749 @@
+"""The run report: one self-contained ``report.html`` for a run directory.
+
+Inline CSS, inline SVG charts (drawn here, or the evaluation's trade-off SVGs embedded as
+``data:`` images, which a browser renders without running scripts or fetching anything), no
+external resource of any kind: open it from disk. Every text that comes from a user, a data set
+or a model is escaped.
+
+Sections, each "not run" when its input is missing (a malformed input is an error naming the
+file): run summary and provenance (``config.json``, ``run.json``, the SAE's ``cfg.json``, the
+stores' ``index.json``); SAE quality (``sae/eval/eval.json``); explanations of the same features
+by every method side by side (``explanations/*.jsonl``); explanation metrics
+(``explanations/metrics.json``); the selected features (``selected_*.json``); the defence tables
+and trade-off plots (``eval/``); example conversations (``examples.json``).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import steerlex
+from steerlex.explain.run import METHODS, read_explanations
+from steerlex.models.cache import write_bytes_atomic
+from steerlex.plots import PALETTE
+from steerlex.report.browser import BROWSER_FILE
+from steerlex.report.common import (
+    FIX,
+    NOT_RUN,
+    ReportError,
+    esc,
+    page,
+    read_json_optional,
+)
+from steerlex.report.examples import EXAMPLES_FILE, read_examples
+from steerlex.steer.select import FeatureSelection
+
+__all__ = ["REPORT_FILE", "build_report", "markdown_table_html"]
+
+REPORT_FILE = "report.html"
+N_SIDE_BY_SIDE = 8
+N_WORDS = 8
+LEVELS = ("semantic", "lexical", "morphological", "unclear")
+
+
+class Html(str):
+    """A string that is already HTML (not escaped again by :func:`_cell`)."""
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, Html):
+        return value
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return esc(_fmt(value))
+    return esc(value)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10**-digits):
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, cls: str = "") -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_cell(v)}</td>'
+            if isinstance(v, (int, float))
+            else f"<td>{_cell(v)}</td>"
+            for v in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    attr = f' class="{esc(cls)}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _kv_table(rows: Sequence[tuple[str, object]]) -> str:
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{_cell(v)}</td></tr>" for k, v in rows)
+    return f'<table class="kv"><tbody>{body}</tbody></table>'
+
+
+def _not_run(what: str) -> str:
+    return f'<p class="not-run">{esc(NOT_RUN)}: {esc(what)}</p>'
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{esc(sid)}"><h2>{esc(title)}</h2>\n{body}\n</section>'
+
+
+def _feature_link(fid: int) -> Html:
+    return Html(f'<a href="{BROWSER_FILE}#feature={int(fid)}">{int(fid)}</a>')
+
+
+def _words(words: Sequence[str], n: int = N_WORDS) -> str:
+    return ", ".join((w.strip() or "␣") for w in words[:n]) or "–"
+
+
+def _get(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]...`` or ``None`` when any level is missing or not a mapping."""
+    for k in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(k)
+    return data
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def markdown_table_html(markdown: str) -> str:
+    """A markdown pipe table (as :func:`steerlex.evaluate.run.results_table` writes) as an
+    HTML table; every cell escaped."""
+    lines = [ln.strip() for ln in markdown.strip().splitlines() if ln.strip().startswith("|")]
+    rows = [
+        [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln.strip("|"))]
+        for ln in lines
+    ]
+    rows = [r for r in rows if not all(re.fullmatch(r":?-+:?", c) for c in r)]
+    if not rows:
+        return ""
+    return _table(rows[0], rows[1:])
+
+
+# --------------------------------------------------------------------------- SVG charts
+
+
+def _svg_open(width: int, height: int) -> str:
+    return (
+        f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
+        f'font-size="11"><rect x="0" y="0" width="{width}" height="{height}" fill="white"/>'
+    )
+
+
+def stacked_bars_svg(rows: Sequence[tuple[str, Mapping[str, float]]], keys: Sequence[str]) -> str:
+    """Horizontal 100%-stacked bars, one per ``(label, {key: share})`` row, with a legend."""
+    left, bar_h, gap, width = 90, 20, 8, 620
+    plot_w = width - left - 20
+    height = 34 + len(rows) * (bar_h + gap) + 20
+    out = [_svg_open(width, height)]
+    for i, key in enumerate(keys):
+        lx = left + i * 130
+        out.append(
+            f'<rect x="{lx}" y="8" width="12" height="12" fill="{PALETTE[i % len(PALETTE)]}"/>'
+        )
+        out.append(f'<text x="{lx + 16}" y="18">{esc(key)}</text>')
+    for r, (label, shares) in enumerate(rows):
+        y = 34 + r * (bar_h + gap)
+        out.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end">{esc(label)}</text>')
+        total = sum(max(0.0, float(shares.get(k) or 0.0)) for k in keys) or 1.0
+        x = float(left)
+        for i, key in enumerate(keys):
+            share = max(0.0, float(shares.get(key) or 0.0)) / total
+            w = share * plot_w
+            if w > 0:
+                out.append(
+                    f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" '
+                    f'fill="{PALETTE[i % len(PALETTE)]}"><title>{esc(label)} {esc(key)}: '
+                    f"{share:.0%}</title></rect>"
+                )
+                if w > 28:
+                    out.append(
+                        f'<text x="{x + w / 2:.1f}" y="{y + 14}" text-anchor="middle" '
+                        f'fill="white">{share:.0%}</text>'
+                    )
+            x += w
+    out.append("</svg>")
+    return "".join(out)
+
+
+def bar_chart_svg(
+    labels: Sequence[str], values: Sequence[float], *, title: str = "", xlabel: str = ""
+) -> str:
+    """Vertical bars with the first and last label under the axis (for histograms)."""
+    width, height, left, bottom, top = 620, 240, 56, 40, 28 if title else 10
+    plot_w, plot_h = width - left - 16, height - top - bottom
+    high = max([v for v in values if math.isfinite(v)] + [0.0]) or 1.0
+    out = [_svg_open(width, height)]
+    if title:
+        out.append(
+            f'<text x="{left + plot_w / 2}" y="18" text-anchor="middle" font-size="13">{esc(title)}</text>'
+        )
+    n = max(1, len(values))
+    bw = plot_w / n
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
+        h = plot_h * max(0.0, v) / high
+        out.append(
+            f'<rect x="{left + i * bw + 0.5:.1f}" y="{top + plot_h - h:.1f}" '
+            f'width="{max(1.0, bw - 1):.1f}" height="{h:.1f}" fill="{PALETTE[0]}">'
+            f"<title>{esc(label)}: {v:g}</title></rect>"
+        )
+    y0 = top + plot_h
+    out.append(f'<line x1="{left}" y1="{y0}" x2="{left + plot_w}" y2="{y0}" stroke="#444"/>')
+    out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="#444"/>')
+    out.append(f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{high:g}</text>')
+    out.append(f'<text x="{left - 4}" y="{y0}" text-anchor="end">0</text>')
+    if labels:
+        out.append(f'<text x="{left}" y="{y0 + 14}" text-anchor="start">{esc(labels[0])}</text>')
+        out.append(
+            f'<text x="{left + plot_w}" y="{y0 + 14}" text-anchor="end">{esc(labels[-1])}</text>'
+        )
+    if xlabel:
+        out.append(
+            f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _svg_image(path: Path, alt: str) -> str:
+    """An SVG file as a ``data:`` image: rendered like an image, so nothing in it can run or
+    load anything."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ReportError(f"Cannot read the plot {path} ({exc}); {FIX}") from None
+    if b"<svg" not in data[:4096]:
+        raise ReportError(f"The plot {path} is not an SVG file; {FIX}")
+    b64 = base64.b64encode(data).decode("ascii")
+    return f'<img class="plot" alt="{esc(alt)}" src="data:image/svg+xml;base64,{b64}">'
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _summary(root: Path) -> str:
+    config = read_json_optional(root / "config.json", "run config")
+    run = read_json_optional(root / "run.json", "run record")
+    sae_cfg = read_json_optional(root / "sae" / "cfg.json", "SAE config")
+    train = read_json_optional(root / "acts-train" / "index.json", "activation index")
+    heldout = read_json_optional(root / "acts-heldout" / "index.json", "activation index")
+    scores = read_json_optional(root / "eval" / "scores.json", "evaluation scores")
+    sx = _get(sae_cfg, "metadata", "steerlex", "config") or {}
+    model = (
+        _get(config, "model")
+        or sx.get("model_spec")
+        or _get(train, "model", "spec")
+        or _get(scores, "model", "spec")
+    )
+    weights = (
+        sx.get("weights_id")
+        or _get(train, "model", "weights_id")
+        or _get(scores, "model", "weights_id")
+    )
+    layer = sx.get("layer", _get(config, "layer"))
+    rows: list[tuple[str, object]] = [
+        ("run name", _get(config, "name") or root.resolve().name),
+        ("model", model),
+        ("weights id", weights),
+        ("layer", layer),
+    ]
+    if sae_cfg is not None:
+        rows.append(
+            (
+                "SAE",
+                f"{sae_cfg.get('architecture')} d_in={sae_cfg.get('d_in')} "
+                f"d_sae={sae_cfg.get('d_sae')} k={sae_cfg.get('k')} "
+                f"(hook {_get(sae_cfg, 'metadata', 'hf_hook_name')}), written by steerlex "
+                f"{_get(sae_cfg, 'metadata', 'steerlex', 'steerlex_version')}",
+            )
+        )
+    else:
+        rows.append(("SAE", f"{NOT_RUN} (no sae/cfg.json)"))
+    for name, index in (("training activations", train), ("held-out activations", heldout)):
+        rows.append(
+            (
+                name,
+                f"{index.get('n_tokens')} tokens from {index.get('n_texts')} texts, "
+                f"{index.get('n_shards')} shards ({index.get('dtype')})"
+                if index is not None
+                else NOT_RUN,
+            )
+        )
+    versions: dict[str, Any] = {"steerlex (this report)": steerlex.__version__}
+    if train is not None:
+        versions.update(
+            {
+                "steerlex (harvest)": train.get("steerlex_version"),
+                "torch (harvest)": train.get("torch_version"),
+                "transformers (harvest)": train.get("transformers_version"),
+            }
+        )
+    rows.append(("versions", "; ".join(f"{k} {v}" for k, v in versions.items() if v)))
+    parts = [_kv_table(rows)]
+    parts.append("<h3>Stage timings</h3>")
+    parts.append(_timings(run, root / "run.json"))
+    if config is not None:
+        parts.append(
+            "<details><summary>Resolved run config (config.json)</summary><pre>"
+            + esc(json_pretty(config))
+            + "</pre></details>"
+        )
+    else:
+        parts.append(_not_run("config.json is missing"))
+    return _section("summary", "Run summary and provenance", "\n".join(parts))
+
+
+def json_pretty(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def _timings(run: dict[str, Any] | None, path: Path) -> str:
+    if run is None:
+        return _not_run("run.json is missing (no stage timings)")
+    stages = run.get("stages")
+    if not isinstance(stages, Mapping):
+        raise ReportError(f"The run record {path} has no 'stages' object; {FIX}")
+    rows: list[list[object]] = []
+    total = 0.0
+    for name, rec in stages.items():
+        if not isinstance(rec, Mapping):
+            raise ReportError(f"The run record {path}: stage {name!r} is not an object; {FIX}")
+        seconds = _num(rec.get("seconds"))
+        total += seconds or 0.0
+        rows.append([name, seconds, rec.get("finished")])
+    rows.append([Html("<strong>total</strong>"), total, ""])
+    return _table(["stage", "seconds", "finished"], rows)
+
+
+def _sae_quality(root: Path) -> str:
+    path = root / "sae" / "eval" / "eval.json"
+    data = read_json_optional(path, "SAE evaluation")
+    if data is None:
+        return _section("sae", "SAE quality", _not_run("sae/eval/eval.json is missing (eval-sae)"))
+    act = data.get("activation")
+    if not isinstance(act, Mapping):
+        raise ReportError(f"The SAE evaluation {path} has no 'activation' object; {FIX}")
+    sp = data.get("spliced") if isinstance(data.get("spliced"), Mapping) else {}
+    rows: list[list[object]] = [
+        ["fraction of variance explained (FVE)", _num(act.get("fve")), "higher is better"],
+        ["normalised MSE", _num(act.get("nmse")), "1 - FVE"],
+        ["L0 (active latents per token)", _num(act.get("l0")), ""],
+        [
+            "dead latents",
+            f"{act.get('n_dead')} ({_fmt(_num(act.get('dead_fraction')))})",
+            "never fire",
+        ],
+        [
+            "dense latents",
+            f"{act.get('n_dense')} ({_fmt(_num(act.get('dense_fraction')))})",
+            f"fire on > {act.get('dense_threshold')} of tokens",
+        ],
+        ["evaluated tokens", act.get("n_tokens"), "held-out store"],
+    ]
+    if sp:
+        rows += [
+            ["loss recovered vs zero ablation (%)", _num(sp.get("loss_recovered_zero")), ""],
+            ["loss recovered vs mean ablation (%)", _num(sp.get("loss_recovered_mean")), ""],
+            [
+                "CE clean / with SAE (nats)",
+                f"{_fmt(_num(sp.get('ce_clean')))} / {_fmt(_num(sp.get('ce_sae')))}",
+                "",
+            ],
+            ["CE increase (nats)", _num(sp.get("ce_increase")), ""],
+        ]
+    parts = [_table(["metric", "value", "note"], rows)]
+    if not sp:
+        parts.append(
+            f'<p class="note">{esc(data.get("spliced_note") or "spliced LM loss not computed")}</p>'
+        )
+    hist = act.get("firing_histogram")
+    if (
+        isinstance(hist, Mapping)
+        and isinstance(hist.get("counts"), list)
+        and isinstance(hist.get("log10_edges"), list)
+    ):
+        edges = [float(e) for e in hist["log10_edges"]]
+        labels = [f"{edges[i]:.2f}..{edges[i + 1]:.2f}" for i in range(len(edges) - 1)]
+        counts = [float(c) for c in hist["counts"]]
+        if len(labels) == len(counts):
+            parts.append(
+                bar_chart_svg(
+                    labels,
+                    counts,
+                    title=f"Firing frequency of the latents (dead: {hist.get('n_dead')})",
+                    xlabel="log10 fraction of tokens on which a latent fires",
+                )
+            )
+    for w in data.get("warnings") or []:
+        parts.append(f'<p class="note">warning: {esc(w)}</p>')
+    return _section("sae", "SAE quality", "\n".join(parts))
+
+
+def _read_all_explanations(root: Path) -> dict[str, dict[int, tuple[str, ...]]]:
+    out: dict[str, dict[int, tuple[str, ...]]] = {}
+    for method in METHODS:
+        path = root / "explanations" / f"{method}.jsonl"
+        if path.is_file():
+            out[method] = {e.feature: e.words for e in read_explanations(path)}
+    return out
+
+
+def _side_by_side_features(
+    explanations: Mapping[str, Mapping[int, Sequence[str]]], metrics: Mapping[str, Any] | None
+) -> list[int]:
+    common = sorted(set.intersection(*(set(v) for v in explanations.values())))
+    sampled = [int(f) for f in (_get(metrics, "features") or []) if isinstance(f, int)]
+    chosen = [f for f in sampled if f in set(common)][:N_SIDE_BY_SIDE]
+    if len(chosen) < N_SIDE_BY_SIDE and common:
+        step = max(1, len(common) // N_SIDE_BY_SIDE)
+        chosen += [f for f in common[::step] if f not in chosen][: N_SIDE_BY_SIDE - len(chosen)]
+    return sorted(chosen)
+
+
+def _explanations(
+    root: Path,
+    explanations: Mapping[str, Mapping[int, Sequence[str]]],
+    metrics: Mapping[str, Any] | None,
+) -> str:
+    if not explanations:
+        return _section(
+            "explanations",
+            "Explanations side by side",
+            _not_run("no explanations/<method>.jsonl (explain)"),
+        )
+    features = _side_by_side_features(explanations, metrics)
+    methods = [m for m in METHODS if m in explanations]
+    rows = [
+        [_feature_link(f), *(_words(explanations[m].get(f, ())) for m in methods)] for f in features
+    ]
+    missing = [m for m in METHODS if m not in explanations]
+    note = (
+        f'<p class="note">{N_WORDS} top words per method; methods not run: {esc(", ".join(missing))}. '
+        "Feature ids open the feature browser.</p>"
+        if missing
+        else f'<p class="note">{N_WORDS} top words per method. Feature ids open the feature browser.</p>'
+    )
+    return _section(
+        "explanations",
+        "Explanations side by side",
+        note + _table(["feature", *methods], rows, cls="words"),
+    )
+
+
+def _ci(d: Any, key: str = "auroc") -> str:
+    mean, ci = _num(_get(d, f"{key}_mean")), _get(d, f"{key}_ci")
+    if mean is None:
+        return "–"
+    if isinstance(ci, list) and len(ci) == 2 and all(_num(v) is not None for v in ci):
+        return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{mean:.3f}"
+
+
+def _summary_ci(d: Any) -> str:
+    mean = _num(_get(d, "mean"))
+    lo, hi = _num(_get(d, "ci_low")), _num(_get(d, "ci_high"))
+    if mean is None:
+        return "–"
+    return f"{mean:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _metrics(metrics: Mapping[str, Any] | None, path: Path) -> str:
+    if metrics is None:
+        return _section(
+            "metrics",
+            "Explanation metrics",
+            _not_run("explanations/metrics.json is missing (explain-metrics)"),
+        )
+    methods = metrics.get("methods")
+    if not isinstance(methods, list):
+        raise ReportError(f"The explanation metrics {path} have no 'methods' list; {FIX}")
+    n = len(metrics.get("features") or [])
+    out_f, in_f = metrics.get("output_faithfulness") or {}, metrics.get("input_faithfulness") or {}
+    faith = [
+        [
+            m,
+            _ci(out_f.get(m)),
+            _num(_get(out_f, m, "share_above_chance")),
+            _num(_get(out_f, m, "extra", "lift_nats_mean")),
+            _ci(in_f.get(m)),
+            _num(_get(in_f, m, "share_above_chance")),
+        ]
+        for m in methods
+    ]
+    parts = [
+        f'<p class="note">{n} sampled features; AUROC 0.5 = chance, with 95% confidence '
+        "intervals. Output side: does steering the feature promote its words? Input side: do "
+        "its words make it fire?</p>",
+        "<h3>Faithfulness</h3>",
+        _table(
+            [
+                "method",
+                "output AUROC [95% CI]",
+                "output share > chance",
+                "output lift (nats)",
+                "input AUROC [95% CI]",
+                "input share > chance",
+            ],
+            faith,
+        ),
+        "<h3>Frequency bias</h3>",
+    ]
+    fb = metrics.get("frequency_bias") or {}
+    if isinstance(fb, Mapping) and "skipped" in fb:
+        parts.append(f'<p class="note">skipped: {esc(fb["skipped"])}</p>')
+    else:
+        sup = metrics.get("superficial_share") or {}
+        rows = []
+        for m in methods:
+            summ = _get(fb, "methods", m, "summary")
+            listed, vocab = _num(_get(sup, m, "listed_share")), _num(_get(sup, m, "vocab_share"))
+            rows.append(
+                [
+                    m,
+                    _summary_ci(_get(summ, "diversity")),
+                    _summary_ci(_get(summ, "lexical")),
+                    _summary_ci(_get(summ, "dominate")),
+                    "–" if listed is None else f"{listed:.2f} (vocabulary {_fmt(vocab, 2)})",
+                ]
+            )
+        parts.append(
+            '<p class="note">Diversity ↑, Lexical ↓, Dominate ↓ (mean [95% CI] over equal-size '
+            "feature subsets); superficial share: listed words that are function words, frequent, "
+            "short or not alphabetic, against their share of the vocabulary.</p>"
+        )
+        parts.append(
+            _table(["method", "Diversity ↑", "Lexical ↓", "Dominate ↓", "superficial share"], rows)
+        )
+    levels = metrics.get("levels")
+    parts.append("<h3>Linguistic level of the explanations</h3>")
+    if isinstance(levels, Mapping) and levels:
+        bars = [
+            (m, _get(levels, m, "shares") or {})
+            for m in methods
+            if isinstance(_get(levels, m, "shares"), Mapping)
+        ]
+        parts.append(stacked_bars_svg(bars, LEVELS))
+    else:
+        parts.append(_not_run("levels were not computed (explain-metrics with levels off)"))
+    return _section("metrics", "Explanation metrics", "\n".join(parts))
+
+
+def _selected(root: Path) -> str:
+    paths = sorted(root.glob("selected_*.json"))
+    if not paths:
+        return _section(
+            "selected", "Selected features", _not_run("no selected_<concept>.json (select)")
+        )
+    parts = []
+    for path in paths:
+        sel = FeatureSelection.load(path)
+        c = sel.concept
+        parts.append(f'<h3>{esc(c.name)} <span class="muted">({esc(path.name)})</span></h3>')
+        parts.append(
+            f'<p class="note">{esc(c.description)}. Method: {esc(sel.method)}, '
+            f"{esc(sel.side)} side; seed words: {esc(', '.join(c.words))}.</p>"
+        )
+        rows = []
+        for rank, f in enumerate(sel.features, start=1):
+            evidence = f.details.get("evidence")
+            ev = (
+                ", ".join(
+                    f"{e[0]} ({float(e[1]):.2f})"
+                    for e in evidence
+                    if isinstance(e, list) and len(e) == 2
+                )
+                if isinstance(evidence, list)
+                else ""
+            )
+            rows.append([rank, _feature_link(f.id), f.score, f.reason, _words(f.words, 10), ev])
+        parts.append(_table(["#", "feature", "score", "reason", "words", "evidence"], rows))
+    return _section("selected", "Selected features", "\n".join(parts))
+
+
+def _defences(root: Path) -> str:
+    from steerlex.evaluate.run import results_table
+
+    path = root / "eval" / "scores.json"
+    scores = read_json_optional(path, "evaluation scores")
+    if scores is None:
+        return _section("defences", "Defences", _not_run("eval/scores.json is missing (eval)"))
+    try:
+        headline = results_table(scores, headline_only=True)
+        sweep = results_table(scores, headline_only=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReportError(
+            f"The evaluation scores {path} are not what `steerlex eval` writes ({exc!r}); {FIX}"
+        ) from None
+    model = _get(scores, "model") or {}
+    counts = _get(scores, "sets", "counts", "test")
+    if isinstance(counts, Mapping):
+        counts = ", ".join(f"{v} {k}" for k, v in counts.items())
+    parts = [
+        f'<p class="note">Model {esc(model.get("spec"))}, layer {esc(scores.get("layer"))}; '
+        f"judges: {esc(_get(scores, 'judges', 'rules'))}"
+        + (f" and {esc(_get(scores, 'judges', 'llm'))}" if _get(scores, "judges", "llm") else "")
+        + f"; test prompts: {esc(counts)}.</p>",
+        "<h3>Headline (test split; strengths chosen on the selection split)</h3>",
+        markdown_table_html(headline),
+        "<h3>Strength choice</h3><ul>",
+    ]
+    chosen = _get(scores, "tuning", "chosen") or {}
+    for name, rec in chosen.items():
+        st = _get(rec, "strength")
+        parts.append(
+            f"<li>{esc(name)}: {esc('–' if st is None else st)} ({esc(_get(rec, 'why'))})</li>"
+        )
+    parts.append("</ul>")
+    parts.append(
+        "<details><summary>Every sweep point</summary>" + markdown_table_html(sweep) + "</details>"
+    )
+    counting = scores.get("counting")
+    if isinstance(counting, Mapping):
+        items = "".join(
+            f"<li><strong>{esc(k)}</strong>: {esc(v)}</li>" for k, v in counting.items()
+        )
+        parts.append(
+            f"<details><summary>How replies are counted</summary><ul>{items}</ul></details>"
+        )
+    plots = []
+    for name, alt in (
+        ("tradeoff_overrefusal.svg", "attack success vs over-refusal"),
+        ("tradeoff_kl.svg", "attack success vs KL"),
+    ):
+        p = root / "eval" / name
+        plots.append(_svg_image(p, alt) if p.is_file() else _not_run(f"eval/{name} is missing"))
+    parts.append("<h3>Trade-offs</h3>" + "\n".join(plots))
+    return _section("defences", "Defences", "\n".join(parts))
+
+
+def _marked_reply(side: Mapping[str, Any], features: Sequence[int]) -> str:
+    tokens, acts = side.get("tokens"), side.get("activations")
+    if not isinstance(tokens, list) or not isinstance(acts, list) or len(tokens) != len(acts):
+        return f'<div class="tokens">{esc(side.get("reply", ""))}</div>'
+    top = max([max(row) for row in acts if row] + [0.0]) or 1.0
+    out = []
+    for tok, row in zip(tokens, acts, strict=True):
+        fired = [(f, a) for f, a in zip(features, row, strict=False) if a > 0]
+        if fired:
+            alpha = min(1.0, 0.2 + 0.8 * max(a for _, a in fired) / top)
+            title = ", ".join(f"feature {f}: {a:.3g}" for f, a in fired)
+            out.append(
+                f'<mark style="background: rgba(255, 140, 0, {alpha:.2f})" '
+                f'title="{esc(title)}">{esc(tok)}</mark>'
+            )
+        else:
+            out.append(esc(tok))
+    return f'<div class="tokens">{"".join(out)}</div>'
+
+
+def _badges(judges: Any) -> str:
+    if not isinstance(judges, Mapping) or not judges:
+        return ""
+    return "".join(
+        f'<span class="badge {esc(label)}">{esc(name)}: {esc(label)}</span>'
+        for name, label in judges.items()
+    )
+
+
+def _examples(root: Path) -> str:
+    path = root / EXAMPLES_FILE
+    if not path.exists():
+        return _section("examples", "Example conversations", _not_run("examples.json is missing"))
+    examples = read_examples(path)
+    if not examples:
+        return _section(
+            "examples",
+            "Example conversations",
+            '<p class="note">No test prompt had replies both without a defence and with the '
+            "steering defence.</p>",
+        )
+    parts = [
+        '<p class="note">Marked tokens: a selected feature fires on them (the model\'s own '
+        "residual stream, teacher-forced, before any steering edit); hover for the values. "
+        "Prompts whose rules-judge label changed were chosen first (then a fixed order).</p>"
+    ]
+    for i, ex in enumerate(examples, start=1):
+        features = [int(f) for f in ex.get("features") or []]
+        st = ex.get("strength")
+        defence = str(ex.get("defence"))
+        if isinstance(st, (int, float)):
+            defence += f" @ {st:g}"
+        feats = ", ".join(_feature_link(f) for f in features) or "–"
+        parts.append(
+            f"<h3>{i}. {esc(ex.get('prompt_kind', ''))} prompt "
+            f'<span class="muted">{esc(ex.get("prompt_id", ""))}</span></h3>'
+            f'<p class="note">{esc(ex.get("chosen_because", ""))}; features: {feats}</p>'
+            f'<div class="prompt">{esc(ex.get("prompt", ""))}</div>'
+            '<div class="conv">'
+            f"<div><h4>Without a defence {_badges(_get(ex, 'unsteered', 'judges'))}</h4>"
+            f"{_marked_reply(ex['unsteered'], features)}</div>"
+            f"<div><h4>With {esc(defence)} {_badges(_get(ex, 'steered', 'judges'))}</h4>"
+            f"{_marked_reply(ex['steered'], features)}</div></div>"
+        )
+    return _section("examples", "Example conversations", "\n".join(parts))
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the self-contained report for ``run_dir`` (default ``run_dir/report.html``) and
+    return its path.
+
+    Raises:
+        SteerlexError: a malformed input file (the message names it).
+    """
+    root = Path(run_dir)
+    target = Path(out) if out is not None else root / REPORT_FILE
+    metrics_path = root / "explanations" / "metrics.json"
+    metrics = read_json_optional(metrics_path, "explanation metrics")
+    explanations = _read_all_explanations(root)
+    sections: list[Callable[[], str]] = [
+        lambda: _summary(root),
+        lambda: _sae_quality(root),
+        lambda: _explanations(root, explanations, metrics),
+        lambda: _metrics(metrics, metrics_path),
+        lambda: _selected(root),
+        lambda: _defences(root),
+        lambda: _examples(root),
+    ]
+    name = str(
+        _get(read_json_optional(root / "config.json", "run config"), "name") or root.resolve().name
+    )
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    browser = f'<a href="{BROWSER_FILE}">feature browser</a>'
+    toc = " · ".join(
+        f'<a href="#{sid}">{esc(t)}</a>'
+        for sid, t in (
+            ("summary", "summary"),
+            ("sae", "SAE quality"),
+            ("explanations", "explanations"),
+            ("metrics", "metrics"),
+            ("selected", "selected features"),
+            ("defences", "defences"),
+            ("examples", "examples"),
+        )
+    )
+    body = (
+        f"<main><h1>steerlex run report: {esc(name)}</h1>"
+        f'<p class="muted">Generated {esc(now)} by steerlex {esc(steerlex.__version__)} · '
+        f"{browser} · {toc}</p>\n" + "\n".join(section() for section in sections) + "</main>"
+    )
+    write_bytes_atomic(target, page(f"steerlex report: {name}", body).encode("utf-8"))
+    return target

@@ -1,0 +1,418 @@
+"""The run report, the feature browser and their inputs (feature stats, example conversations)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+from report_helpers import (
+    INJECTION,
+    LAYER,
+    WORD_INJECTION,
+    RunInfo,
+    make_run_dir,
+    tiny_sae,
+    tiny_store,
+)
+from steerlex.activations.store import ActivationStore, create_store
+from steerlex.errors import SteerlexError
+from steerlex.models.chat import encode_prompt
+from steerlex.models.loading import LoadedModel
+from steerlex.report import (
+    ReportError,
+    build_browser,
+    build_report,
+    conversation_examples,
+    feature_stats,
+    read_examples,
+    read_feature_stats,
+    token_decoder,
+    write_examples,
+    write_feature_stats,
+)
+from steerlex.report.features import readable_token
+from steerlex.report.html import markdown_table_html
+from steerlex.sae.model import SAEConfig, TopKSAE
+
+# --------------------------------------------------------------------------- feature_stats
+
+
+def brute_hist(values: list[float], bins: int) -> tuple[float, list[int]]:
+    """Histogram of positive ``values`` over (0, 2**ceil(log2 max)] computed directly."""
+    top = max(values)
+    m, e = math.frexp(top)
+    e = e - 1 if m == 0.5 else e
+    width_range = math.ldexp(1.0, e)
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, math.ceil(v * bins / width_range) - 1))] += 1
+    return width_range, counts
+
+
+@pytest.fixture
+def store(tiny_loaded: LoadedModel, tmp_path: Path) -> ActivationStore:
+    return tiny_store(tiny_loaded, tmp_path / "acts")
+
+
+def test_feature_stats_equal_a_brute_force_computation(
+    tiny_loaded: LoadedModel, store: ActivationStore
+) -> None:
+    sae = tiny_sae(tiny_loaded)
+    decode = token_decoder(tiny_loaded.tokenizer)
+    stats = feature_stats(sae, store, decode, top_k=3, window=2, bins=8, batch_size=5,
+                          progress=False)  # fmt: skip
+    acts = store.activations()
+    with torch.no_grad():
+        f = sae.encode(acts).float()
+    n = acts.shape[0]
+    assert stats["n_tokens"] == n == store.n_tokens
+    assert len(stats["features"]) == 64
+    ids = torch.cat([store.load_shard(i)["token_ids"] for i in range(len(store.shards))])
+    texts = torch.cat([store.load_shard(i)["text_index"] for i in range(len(store.shards))])
+    checked = 0
+    for rec in stats["features"]:
+        c = rec["id"]
+        col = f[:, c]
+        pos = col[col > 0].tolist()
+        assert rec["count"] == len(pos)
+        assert rec["frequency"] == pytest.approx(len(pos) / n)
+        if not pos:
+            assert rec["hist"] == [] and rec["hist_range"] is None and rec["contexts"] == []
+            continue
+        assert rec["max"] == pytest.approx(max(pos), rel=1e-4)
+        assert (rec["hist_range"], rec["hist"]) == brute_hist(pos, 8)
+        assert rec["hist_range"] / 2 < rec["max"] <= rec["hist_range"]
+        top = torch.topk(col, min(3, len(pos)))
+        assert [c_["activation"] for c_ in rec["contexts"]] == pytest.approx(
+            top.values.tolist(), rel=1e-4
+        )
+        assert [c_["row"] for c_ in rec["contexts"]] == top.indices.tolist()
+        for ctx in rec["contexts"]:
+            row, focus = ctx["row"], ctx["focus"]
+            rows = list(range(row - focus, row - focus + len(ctx["token_ids"])))
+            assert all(int(texts[r]) == int(texts[row]) for r in rows)  # same text only
+            assert len(rows) <= 5 and focus <= 2
+            # the window stops only at the text's edges
+            if focus < 2:
+                assert row - focus == 0 or int(texts[row - focus - 1]) != int(texts[row])
+            assert ctx["token_ids"] == [int(ids[r]) for r in rows]
+            assert ctx["tokens"] == [decode(int(ids[r])) for r in rows]
+            assert ctx["acts"] == pytest.approx([float(f[r, c]) for r in rows], rel=1e-4, abs=1e-6)
+            assert ctx["acts"][focus] == pytest.approx(ctx["activation"])
+            assert ctx["text_id"] == f"t{ctx['text_index']}" and ctx["source"] == "tests"
+            checked += 1
+    assert checked > 20
+    one_shot = feature_stats(sae, store, decode, top_k=3, window=2, bins=8, batch_size=10_000,
+                             progress=False)  # fmt: skip
+    for a, b in zip(stats["features"], one_shot["features"], strict=True):
+        assert (a["count"], a["hist"], a["hist_range"]) == (b["count"], b["hist"], b["hist_range"])
+
+
+def test_feature_stats_histogram_grows_exactly_and_max_tokens(tmp_path: Path) -> None:
+    # feature c reads coordinate c (ReLU): values chosen so the range doubles several times
+    values = [0.3, 0.01, 0.5, 1.0, 3.0, 7.9, 0.26, 64.0, 0.0, 2.5]
+    x = torch.zeros(len(values), 3)
+    x[:, 0] = torch.tensor(values)
+    x[:, 1] = -1.0  # never fires
+    x[:, 2] = 1.0
+    store = create_store(tmp_path / "s", [x[:4], x[4:7], x[7:]])
+    sae = TopKSAE(SAEConfig(d_in=3, d_sae=3, architecture="relu"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(3))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    stats = feature_stats(sae, store, str, top_k=2, bins=6, batch_size=2, progress=False)
+    f0, f1, f2 = stats["features"]
+    pos = [v for v in values if v > 0]
+    assert (f0["hist_range"], f0["hist"]) == brute_hist(pos, 6)
+    assert f0["hist_range"] == 64.0 and f0["count"] == 9 and f0["max"] == 64.0
+    assert f1["count"] == 0 and f1["hist"] == []
+    assert f2["hist_range"] == 1.0 and f2["hist"] == [0, 0, 0, 0, 0, 10]
+    # a store written from bare activations has no tokens: no contexts, and a note says why
+    assert stats["contexts_note"] and "no token ids" in stats["contexts_note"]
+    assert f0["contexts"] == []
+    first = feature_stats(sae, store, str, max_tokens=5, bins=6, progress=False)
+    assert first["n_tokens"] == 5
+    assert first["features"][0]["count"] == 5
+    assert first["features"][0]["hist"] == brute_hist(values[:5], 6)[1]
+
+
+def test_feature_stats_bad_input(tiny_loaded: LoadedModel, store: ActivationStore) -> None:
+    sae = tiny_sae(tiny_loaded)
+    with pytest.raises(ReportError, match="top_k"):
+        feature_stats(sae, store, str, top_k=0, progress=False)
+    with pytest.raises(ReportError, match="bins"):
+        feature_stats(sae, store, str, bins=0, progress=False)
+    wide = TopKSAE(SAEConfig(d_in=16, d_sae=8, k=2))
+    with pytest.raises(ReportError, match="width 16"):
+        feature_stats(wide, store, str, progress=False)
+
+
+def test_feature_stats_round_trip_and_malformed_file(
+    tiny_loaded: LoadedModel, store: ActivationStore, tmp_path: Path
+) -> None:
+    stats = feature_stats(tiny_sae(tiny_loaded), store, str, top_k=1, window=1, progress=False)
+    path = write_feature_stats(tmp_path / "features.json", stats)
+    assert read_feature_stats(path) == json.loads(json.dumps(stats))
+    path.write_text("{broken")
+    with pytest.raises(ReportError, match=re.escape(str(path))):
+        read_feature_stats(path)
+    path.write_text('{"format": "other"}')
+    with pytest.raises(ReportError, match="not a feature-statistics file"):
+        read_feature_stats(path)
+
+
+def test_readable_tokens() -> None:
+    assert readable_token("Ġhello") == " hello"
+    assert readable_token("ĊĊ") == "\n\n"
+    assert readable_token("Ã©t") == "ét"  # byte-level UTF-8 of é
+    assert readable_token("▁the", "sentencepiece") == " the"
+    assert readable_token("<0x0A>", "sentencepiece") == "\n"
+    assert readable_token("cat", "word") == " cat"
+    decode = token_decoder(make_tokenizer())
+    tok = make_tokenizer()
+    assert decode(tok.convert_tokens_to_ids("cat")) == " cat"
+    assert decode(tok.convert_tokens_to_ids("<|end|>")) == "<|end|>"
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@pytest.fixture
+def run(tiny_loaded: LoadedModel, tmp_path: Path) -> RunInfo:
+    return make_run_dir(tmp_path / "run", tiny_loaded)
+
+
+def test_conversation_examples(tiny_loaded: LoadedModel, run: RunInfo) -> None:
+    sae = tiny_sae(tiny_loaded)
+    gens = run.root / "eval" / "generations.jsonl"
+    feats = [run.fired, run.safety, 5]
+    examples = conversation_examples(tiny_loaded, sae, LAYER, gens, "amplify", feats, n=4)
+    # 2 jailbreak (the one whose label changed first) + 2 benign, test split only
+    assert [e["prompt_kind"] for e in examples] == ["jailbreak", "jailbreak", "benign", "benign"]
+    assert examples[0]["prompt_id"] == "jb1"
+    assert examples[0]["chosen_because"] == "the rules judge's label changed"
+    assert examples[0]["strength"] == 2.0 and examples[0]["defence"] == "amplify"
+    assert examples[0]["steered"]["judges"] == {"rules": "refusal"}
+    assert examples[0]["unsteered"]["judges"] == {"rules": "compliance"}
+    assert examples[0]["steered"]["reply"] == "can you help me"  # the headline strength's reply
+    assert len({e["prompt_id"] for e in examples}) == 4
+    assert conversation_examples(tiny_loaded, sae, LAYER, gens, "amplify", feats, n=4) == examples
+
+    # activations equal a full forward pass of the formatted prompt + reply
+    tok = tiny_loaded.tokenizer
+    for ex in examples:
+        for side in ("steered", "unsteered"):
+            enc = encode_prompt(tok, ex["prompt"], chat=True)
+            reply_ids = tok(ex[side]["reply"], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([enc.input_ids + reply_ids])
+            with torch.no_grad():
+                hidden = tiny_loaded.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+                want = sae.encode(hidden[0, len(enc.input_ids) :])[:, feats]
+            got = ex[side]["activations"]
+            assert ex[side]["token_ids"] == reply_ids
+            assert ex[side]["tokens"] == [token_decoder(tok)(i) for i in reply_ids]
+            assert torch.tensor(got) == pytest.approx(want, rel=1e-3, abs=1e-5)
+    two = conversation_examples(tiny_loaded, sae, LAYER, gens, "amplify", feats, n=1)
+    assert [e["prompt_id"] for e in two] == ["jb1"]
+
+
+def test_conversation_examples_bad_input(
+    tiny_loaded: LoadedModel, run: RunInfo, tmp_path: Path
+) -> None:
+    sae = tiny_sae(tiny_loaded)
+    gens = run.root / "eval" / "generations.jsonl"
+    with pytest.raises(ReportError, match=r"'calibrate'.*\['amplify', 'none'\]"):
+        conversation_examples(tiny_loaded, sae, LAYER, gens, "calibrate", [1])
+    with pytest.raises(ReportError, match="outside"):
+        conversation_examples(tiny_loaded, sae, LAYER, gens, "amplify", [999])
+    with pytest.raises(ReportError, match="does not exist"):
+        conversation_examples(tiny_loaded, sae, LAYER, tmp_path / "nope.jsonl", "amplify", [1])
+    bad = tmp_path / "eval" / "generations.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"defence": "none"}\nnot json\n')
+    (tmp_path / "eval" / "scores.json").write_text((run.root / "eval" / "scores.json").read_text())
+    with pytest.raises(ReportError, match=re.escape(f"{bad} line 2")):
+        conversation_examples(tiny_loaded, sae, LAYER, bad, "amplify", [1])
+
+
+def test_examples_round_trip(tmp_path: Path) -> None:
+    ex = [{"prompt": "p", "steered": {"reply": "a"}, "unsteered": {"reply": "b"}}]
+    path = write_examples(tmp_path / "examples.json", ex)
+    assert read_examples(path) == ex
+    path.write_text('{"format": "steerlex-report-examples", "examples": [{"prompt": "p"}]}')
+    with pytest.raises(ReportError, match="example 0 lacks"):
+        read_examples(path)
+
+
+# --------------------------------------------------------------------------- report and browser
+
+
+EXTERNAL = [
+    r"<script[^>]*\bsrc\s*=",
+    r"<link\b",
+    r"@import",
+    r"\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//",
+    r"url\(\s*[\"']?\s*(?:https?:)?//",
+    r"\bfetch\(",
+    r"XMLHttpRequest",
+    r"<iframe",
+]
+
+
+def assert_self_contained(text: str) -> None:
+    for pattern in EXTERNAL:
+        assert not re.search(pattern, text, re.IGNORECASE), pattern
+
+
+def embedded_data(text: str) -> dict[str, Any]:
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S)
+    assert m is not None
+    data: dict[str, Any] = json.loads(m.group(1))
+    return data
+
+
+def test_report_from_a_full_run_dir(run: RunInfo) -> None:
+    path = build_report(run.root)
+    assert path == run.root / "report.html"
+    text = path.read_text(encoding="utf-8")
+    assert_self_contained(text)
+    for sid in ("summary", "sae", "explanations", "metrics", "selected", "defences", "examples"):
+        assert f'<section id="{sid}">' in text
+    # provenance and timings
+    assert "tiny-run" in text and "sha256:tiny-llama-seed0" in text
+    assert "<td>harvest</td>" in text and "1.250" in text
+    assert "config.json" in text and "&lt;i&gt;" in text  # the config, escaped
+    # SAE quality from the real eval.json
+    fve = json.loads((run.root / "sae" / "eval" / "eval.json").read_text())["activation"]["fve"]
+    assert f"{fve:.3f}" in text
+    # side by side: every method, links to the browser
+    for method in ("mi", "paper", "mi-input", "logitlens", "topact"):
+        assert f"<th>{method}</th>" in text
+    assert f'href="browser.html#feature={run.fired}"' in text
+    # metrics: AUROC with CI, frequency bias, levels plot
+    assert "0.710 [0.610, 0.790]" in text and "0.370 [0.360, 0.380]" in text
+    assert "<svg" in text and "semantic" in text
+    # selections: reasons escaped
+    assert "&lt;b&gt;refuse&lt;/b&gt;" in text and "<b>refuse</b>" not in text
+    # defences: the headline table from results_table, sweep rows, plots inlined
+    assert "<td>amplify</td><td>2</td><td>25% [" in text
+    assert text.count("data:image/svg+xml;base64,") == 2
+    # examples: prompt escaped, fired tokens marked
+    assert INJECTION not in text and "&lt;script&gt;alert(" in text
+    assert '<mark style="background: rgba(255, 140, 0,' in text
+    assert "Without a defence" in text and "With amplify @ 2" in text
+    # the only <script> tags a report could have: none
+    assert "<script" not in text.lower()
+
+
+def test_report_and_browser_of_an_empty_run_dir(tmp_path: Path) -> None:
+    root = tmp_path / "empty"
+    root.mkdir()
+    text = build_report(root).read_text()
+    assert text.count("not run") >= 8
+    assert_self_contained(text)
+    browser = build_browser(root).read_text()
+    assert_self_contained(browser)
+    data = embedded_data(browser)
+    assert data["features"] == {}
+    assert all(v and v.startswith("not run") for k, v in data["notes"].items() if k != "contexts")
+    assert set(data["concepts"]) == {"safety", "harm"}
+
+
+def test_missing_sections_say_not_run(run: RunInfo) -> None:
+    for name in ("examples.json", "run.json"):
+        (run.root / name).unlink()
+    for name in ("scores.json", "tradeoff_kl.svg"):
+        (run.root / "eval" / name).unlink()
+    (run.root / "explanations" / "metrics.json").unlink()
+    text = build_report(run.root).read_text()
+    for what in ("examples.json is missing", "run.json is missing", "eval/scores.json is missing",
+                 "explanations/metrics.json is missing"):  # fmt: skip
+        assert f"not run: {what}" in text
+    (run.root / "features.json").unlink()
+    data = embedded_data(build_browser(run.root).read_text())
+    assert data["notes"]["stats"].startswith("not run")
+    assert "umbrella" in json.dumps(data["features"][str(run.fired)]["words"])
+
+
+@pytest.mark.parametrize(
+    ("relative", "content"),
+    [
+        ("explanations/metrics.json", "{not json"),
+        ("sae/eval/eval.json", "[1, 2]"),
+        ("run.json", '{"stages": [1]}'),
+        ("config.json", "{"),
+        ("eval/scores.json", '{"conditions": [{"x": 1}]}'),
+        ("examples.json", '{"format": "nope"}'),
+        ("selected_safety.json", '{"concept": 3}'),
+        ("explanations/mi.jsonl", '{"feature": 1}\n'),
+    ],
+)
+def test_malformed_file_names_the_file(run: RunInfo, relative: str, content: str) -> None:
+    path = run.root / relative
+    path.write_text(content)
+    with pytest.raises(SteerlexError, match=re.escape(str(path))):
+        build_report(run.root)
+
+
+@pytest.mark.parametrize(
+    ("relative", "content"),
+    [
+        ("features.json", "{"),
+        ("explanations/topact.jsonl", "[]\n"),
+        ("selected_harm.json", "{}"),
+        ("config.json", "nope"),
+    ],
+)
+def test_browser_malformed_file_names_the_file(run: RunInfo, relative: str, content: str) -> None:
+    path = run.root / relative
+    path.write_text(content)
+    with pytest.raises(SteerlexError, match=re.escape(str(path))):
+        build_browser(run.root)
+
+
+def test_browser_embeds_everything_safely(run: RunInfo, tmp_path: Path) -> None:
+    out = build_browser(run.root, tmp_path / "elsewhere" / "b.html")
+    text = out.read_text(encoding="utf-8")
+    assert_self_contained(text)
+    # exactly the two script tags of the page: the data block and the program
+    assert len(re.findall(r"<script\b", text)) == 2
+    assert WORD_INJECTION not in text
+    data = embedded_data(text)
+    assert data["title"] == "tiny-run"
+    assert data["methods"] == ["mi", "paper", "mi-input", "logitlens", "topact"]
+    assert len(data["features"]) == 64
+    fired = data["features"][str(run.fired)]
+    assert fired["words"]["mi"][0] == ["umbrella", 1.0]
+    assert fired["selected"] == [
+        {
+            "concept": "harm",
+            "rank": 1,
+            "score": 2.5,
+            "reason": "harmful - benign mean activation 2.5",
+        }
+    ]
+    stats = next(f for f in run.stats["features"] if f["id"] == run.fired)
+    assert fired["count"] == stats["count"] and fired["hist"] == stats["hist"]
+    assert fired["contexts"][0]["tokens"] == stats["contexts"][0]["tokens"]
+    assert data["features"]["0"]["words"]["topact"][0][0] == WORD_INJECTION
+    assert data["selected"] == {"harm": [run.fired], "safety": [run.safety]}
+    assert "refuse" in data["concepts"]["safety"]["words"]
+    for hook in ('id="search"', 'id="feature-title"', 'id="results"', 'id="histogram"'):
+        assert hook in text
+
+
+def test_markdown_table_html_escapes_cells() -> None:
+    md = "| a | b |\n|---|---:|\n| <x> | 1 \\| 2 |\n"
+    assert markdown_table_html(md) == (
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead>"
+        "<tbody><tr><td>&lt;x&gt;</td><td>1 | 2</td></tr></tbody></table>"
+    )
