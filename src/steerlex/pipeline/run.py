@@ -251,10 +251,13 @@ def run_pipeline(
     runs_dir: str | Path = "runs",
     *,
     only: Sequence[str] | None = None,
-    log: TextIO | None = sys.stderr,
+    log: TextIO | str | None = "stderr",
 ) -> Path:
     """Run every stage (or ``only`` these, in pipeline order) not yet finished; return the
-    run directory. Interrupt at any time: a rerun continues."""
+    run directory. Interrupt at any time: a rerun continues. Progress lines go to ``log``
+    (standard error as it is at call time by default; None: quiet)."""
+    if isinstance(log, str):
+        log = sys.stderr
     names = stage_names()
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
