@@ -116,10 +116,11 @@ _DEFAULT_EVAL: dict[str, Any] = {
     "defences": [
         {"kind": "none"},
         {"kind": "dense", "strengths": [0.2]},
-        {"kind": "amplify", "strengths": [1.0, 2.0]},
+        # strengths where the full-size run (docs/results.md) saw the defences act
+        {"kind": "amplify", "strengths": [1.5, 3.0]},
         {"kind": "amplify", "name": "amplify-data", "strengths": [1.0], "features": "data"},
-        {"kind": "calibrate", "strengths": [10.0]},
-        {"kind": "calibrate", "conditional": True, "strengths": [10.0]},
+        {"kind": "calibrate", "strengths": [20.0]},
+        {"kind": "calibrate", "conditional": True, "strengths": [20.0]},
     ],
 }
 
