@@ -994,21 +994,13 @@ def select_features(
             raise SelectionError("threshold and top_n do not apply to hand-picked ids.")
         words = {e.feature: tuple(e.words[:n_words]) for e in explanations or ()}
         features = [SelectedFeature(c, 1.0, "chosen by hand", words.get(c, ())) for c in chosen]
-        return FeatureSelection(
-            concept=concept,
-            method=method,
-            side=chosen_side,
-            features=features,
-            explanations=_expl_record(explanations_path, expl_method),
-            sae=sae_record(sae, sae_path) if sae is not None else None,
-            settings={**settings, "threshold": None, "top_n": None, "n_selected": len(features)},
-        )
-
-    features, n_passed = _pick(scored, threshold, top_n, concept=concept, what=what)
-    settings.update(
-        threshold=threshold, top_n=top_n, n_scored=len(scored), n_passed=n_passed,
-        n_selected=len(features),
-    )  # fmt: skip
+        settings.update(threshold=None, top_n=None, n_selected=len(features))
+    if method != "manual":
+        features, n_passed = _pick(scored, threshold, top_n, concept=concept, what=what)
+        settings.update(
+            threshold=threshold, top_n=top_n, n_scored=len(scored), n_passed=n_passed,
+            n_selected=len(features),
+        )  # fmt: skip
     return FeatureSelection(
         concept=concept,
         method=method,
