@@ -223,6 +223,20 @@ def test_iter_batches_covers_every_token_once(tiny_loaded: LoadedModel, tmp_path
     )
 
 
+def test_iter_shards_in_order_with_a_token_limit(tiny_loaded: LoadedModel, tmp_path: Path) -> None:
+    store = harvest(tiny_loaded, TEXTS, tmp_path / "s", OPTS, progress=False)
+    assert len(store.shards) > 1
+    everything = store.activations()
+    parts = list(store.iter_shards())
+    sizes = [int(t["activations"].shape[0]) for _, t in parts]
+    assert [o for o, _ in parts] == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert torch.equal(torch.cat([t["activations"] for _, t in parts]), everything)
+    cut = int(parts[0][1]["activations"].shape[0]) + 1  # one token into the second shard
+    limited = list(store.iter_shards(cut))
+    assert len(limited) == 2 and int(limited[1][1]["token_ids"].shape[0]) == 1
+    assert torch.equal(torch.cat([t["activations"] for _, t in limited]), everything[:cut])
+
+
 def test_float16_storage(tiny_loaded: LoadedModel, tmp_path: Path) -> None:
     store = harvest(
         tiny_loaded, TEXTS[:4], tmp_path / "s", replace(OPTS, dtype="float16"), progress=False

@@ -167,6 +167,21 @@ class ActivationStore:
                 bad.append(info.file)
         return bad
 
+    def iter_shards(
+        self, max_tokens: int | None = None
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(offset, tensors)`` of each shard in order, where ``offset`` is the store index of
+        its first token; stops after the first ``max_tokens`` tokens (the last shard cut)."""
+        limit = self.n_tokens if max_tokens is None else min(max_tokens, self.n_tokens)
+        offset = 0
+        for i in range(len(self.shards)):
+            if offset >= limit:
+                return
+            tensors = self.load_shard(i)
+            n = min(int(tensors["activations"].shape[0]), limit - offset)
+            yield offset, {k: v[:n] for k, v in tensors.items()}
+            offset += n
+
     def activations(self, max_tokens: int | None = None) -> torch.Tensor:
         """All activations (or the first ``max_tokens``) as one [n, d] tensor."""
         parts: list[torch.Tensor] = []

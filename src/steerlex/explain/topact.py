@@ -251,15 +251,10 @@ def top_activations(
     pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     n_pending = 0
     limit = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
-    offset = 0
     bar = tqdm(total=limit, desc="topact", unit="tok", disable=not progress)
     with torch.inference_mode():
-        for s in range(len(store.shards)):
-            if offset >= limit:
-                break
-            tensors = store.load_shard(s)
-            n = min(int(tensors["activations"].shape[0]), limit - offset)
-            tensors = {k: v[:n] for k, v in tensors.items()}
+        for offset, tensors in store.iter_shards(limit):
+            n = int(tensors["activations"].shape[0])
             meta = _shard_meta(tensors, offset, groups)
             metas.append(meta)
             acts = tensors["activations"]
@@ -281,7 +276,6 @@ def top_activations(
                     state = _merge_pending(state, pending, m, 2 * per_group)
                     pending, n_pending = [], 0
                 bar.update(x.shape[0])
-            offset += n
         state = _merge_pending(state, pending, m, 2 * per_group)
     bar.close()
 

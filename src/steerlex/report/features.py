@@ -391,19 +391,14 @@ def feature_stats(
     if limit == 0:
         raise ReportError(f"The activation store in {store.directory} holds no tokens.")
     acc = _Accumulator.empty(d_sae, top_k, bins, sae.W_enc.device)
-    offset = 0
     bar = tqdm(total=limit, desc="feature stats", unit="tok", disable=not progress)
     with torch.inference_mode():
-        for s in range(len(store.shards)):
-            if offset >= limit:
-                break
-            acts = store.load_shard(s)["activations"]
-            n = min(int(acts.shape[0]), limit - offset)
-            for b in range(0, n, batch_size):
-                x = acts[b : min(b + batch_size, n)]
+        for offset, tensors in store.iter_shards(limit):
+            acts = tensors["activations"]
+            for b in range(0, int(acts.shape[0]), batch_size):
+                x = acts[b : b + batch_size]
                 acc.update(_encode(sae, x), offset + b)
                 bar.update(int(x.shape[0]))
-            offset += int(acts.shape[0])
         contexts, note = _contexts(sae, store, acc, limit, window, batch_size, decode)
     bar.close()
     count = acc.count.cpu().tolist()
