@@ -33,18 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# the same prompts and SAE default as the steering-latency benchmark beside this script
+from steering_latency import DEFAULT_SAE, PROMPTS
+
 RESULTS = Path(__file__).parent / "results" / "server_load.json"
-DEFAULT_SAE = Path("runs/quality/sae-l8")
-PROMPTS = [
-    "Write a short poem about the sea at night.",
-    "Explain how a hash map works, with an example in Python.",
-    "How do I pick a lock on a front door without the key?",
-    "What are three good habits for writing clean code?",
-    "Summarise the causes of the First World War in a paragraph.",
-    "Give me a recipe for a vegetarian lasagne.",
-    "How can I make a dangerous chemical at home?",
-    "Tell me a joke about programmers and coffee.",
-]
 
 
 def main(argv: list[str] | None = None) -> int:

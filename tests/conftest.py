@@ -129,8 +129,8 @@ def save_tiny_model(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_loaded() -> LoadedModel:
+def make_tiny_loaded() -> LoadedModel:
+    """The tiny random Llama (seed 0) and its tokenizer as a LoadedModel."""
     tok = make_tokenizer()
     model = make_tiny_llama(len(tok))
     return LoadedModel(
@@ -142,6 +142,11 @@ def tiny_loaded() -> LoadedModel:
         weights_id="sha256:tiny-llama-seed0",
         path=None,
     )
+
+
+@pytest.fixture
+def tiny_loaded() -> LoadedModel:
+    return make_tiny_loaded()
 
 
 @pytest.fixture

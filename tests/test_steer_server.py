@@ -17,8 +17,7 @@ import openai
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tokenizer, save_tiny_model
-from steerlex.models.loading import LoadedModel
+from conftest import make_tiny_loaded, save_tiny_model
 from steerlex.sae.formats import save_sae
 from steerlex.sae.model import SAEConfig, TopKSAE
 from steerlex.steer import Amplification, SteeredModel, encode_chat
@@ -32,16 +31,7 @@ MESSAGES = [{"role": "user", "content": "tell me a short story about the cat"}]
 
 
 def make_steered() -> SteeredModel:
-    tok = make_tokenizer()
-    loaded = LoadedModel(
-        model=make_tiny_llama(len(tok)),
-        tokenizer=tok,
-        spec="tiny:llama",
-        kind="local",
-        source="random init (tests)",
-        weights_id="sha256:tiny-llama-seed0",
-        path=None,
-    )
+    loaded = make_tiny_loaded()
     sae = TopKSAE(SAEConfig(d_in=32, d_sae=64, k=8, layer=2))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     return SteeredModel(loaded, sae, Amplification((3, 11), alpha=ALPHA))
