@@ -38,6 +38,18 @@ def make_sae(d_in: int = 32, d_sae: int = 16, layer: int | None = LAYER) -> TopK
     return sae
 
 
+def _mean_prompt_norm(loaded: LoadedModel) -> float:
+    """The prompts' mean layer-LAYER residual norm, first position left out (the scale
+    output_faithfulness gives the directions)."""
+    norms: list[float] = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = torch.tensor([loaded.tokenizer.encode(p)])
+            h = forward_to_layer(loaded.model, ids, layer=LAYER)
+            norms.extend(h[0, 1:].norm(dim=-1).tolist())
+    return sum(norms) / len(norms)
+
+
 def test_auroc_hand_cases() -> None:
     assert auroc([3, 4], [1, 2]) == 1.0
     assert auroc([1, 2], [3, 4]) == 0.0
@@ -94,12 +106,7 @@ def test_output_oracle_beats_anti_oracle(tiny_loaded: LoadedModel) -> None:
     feature = 3
     # output_faithfulness scales directions by the prompts' mean residual norm (first
     # position left out); rank tokens at that same strength.
-    norms = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            h = forward_to_layer(tiny_loaded.model, torch.tensor([tok.encode(p)]), layer=LAYER)
-            norms.extend(h[0, 1:].norm(dim=-1).tolist())
-    scale = sum(norms) / len(norms)
+    scale = _mean_prompt_norm(tiny_loaded)
     order = [t for t in _delta_ranking(tiny_loaded, sae, feature, scale) if t in by_id]
     top = [by_id[t] for t in order[:5]]
     bottom = [by_id[t] for t in order[-5:]]
@@ -248,12 +255,7 @@ def test_output_specificity_of_oracles(tiny_loaded: LoadedModel) -> None:
     tok = tiny_loaded.tokenizer
     words = [w for w in WORDS if word_token_ids(tok, [w])[0] == tok.convert_tokens_to_ids(w)]
     by_id = {tok.convert_tokens_to_ids(w): w for w in words}
-    norms = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            h = forward_to_layer(tiny_loaded.model, torch.tensor([tok.encode(p)]), layer=LAYER)
-            norms.extend(h[0, 1:].norm(dim=-1).tolist())
-    scale = sum(norms) / len(norms)
+    scale = _mean_prompt_norm(tiny_loaded)
     oracle = {}
     for f in (3, 7):
         order = [t for t in _delta_ranking(tiny_loaded, sae, f, scale) if t in by_id]
