@@ -12,9 +12,9 @@ import torch
 from conftest import SENTENCES, WORDS
 from steerlex.activations.harvest import HarvestOptions, harvest
 from steerlex.activations.store import ActivationStore
+from steerlex.core.io import write_bytes_atomic, write_json_atomic
 from steerlex.data.textset import TextItem
 from steerlex.explain.run import METHODS, Explanation, write_explanations
-from steerlex.models.cache import write_bytes_atomic, write_json_atomic
 from steerlex.models.loading import LoadedModel
 from steerlex.plots import Series, line_plot
 from steerlex.report import (
@@ -24,9 +24,9 @@ from steerlex.report import (
     write_examples,
     write_feature_stats,
 )
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.evaluate import evaluate_sae
 from steerlex.sae.formats import save_sae
-from steerlex.sae.model import SAEConfig, TopKSAE
 from steerlex.steer.concepts import HARM, SAFETY
 from steerlex.steer.select import FeatureSelection, SelectedFeature
 
@@ -36,10 +36,10 @@ INJECTION = "<script>alert('x')</script>"
 WORD_INJECTION = "</script><b>bold</b>"
 
 
-def tiny_sae(loaded: LoadedModel, seed: int = 0) -> TopKSAE:
+def tiny_sae(loaded: LoadedModel, seed: int = 0) -> SparseAutoencoder:
     cfg = SAEConfig(d_in=32, d_sae=D_SAE, k=8, layer=LAYER, model_spec=loaded.spec,
                     weights_id=loaded.weights_id)  # fmt: skip
-    sae = TopKSAE(cfg)
+    sae = SparseAutoencoder(cfg)
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     return sae
 

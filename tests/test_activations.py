@@ -12,9 +12,8 @@ import torch
 from conftest import SENTENCES
 from steerlex.activations import ActivationStore, HarvestOptions, harvest
 from steerlex.activations import store as store_mod
-from steerlex.errors import StoreError
+from steerlex.core.errors import LayerError, StoreError
 from steerlex.models.chat import encode_prompt
-from steerlex.models.hooks import LayerError
 from steerlex.models.loading import LoadedModel
 
 

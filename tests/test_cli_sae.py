@@ -79,10 +79,12 @@ def test_bad_inputs(run: dict[str, Path], capsys: pytest.CaptureFixture[str]) ->
     assert code == 2
     assert "No activation store" in capsys.readouterr().err
     # an SAE of another width against this store
-    from steerlex.sae import SAEConfig, TopKSAE, save_sae
+    from steerlex.sae import SAEConfig, SparseAutoencoder, save_sae
 
     other = run["root"] / "other"
-    save_sae(TopKSAE(SAEConfig(d_in=48, d_sae=64, k=4, model_spec="elsewhere", layer=1)), other)
+    save_sae(
+        SparseAutoencoder(SAEConfig(d_in=48, d_sae=64, k=4, model_spec="elsewhere", layer=1)), other
+    )
     code = main(
         ["eval-sae", "--sae", str(other), "--activations", str(run["acts"]), "--no-lm", "--quiet"]
     )

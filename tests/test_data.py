@@ -14,8 +14,8 @@ import pytest
 
 import steerlex.data.named as named
 import steerlex.data.sources as sources
+from steerlex.core.errors import MissingPackageError, SourceError
 from steerlex.data import NamedSetInfo, TextItem, TextSet, load_texts, named_sets
-from steerlex.errors import MissingPackageError, SourceError
 
 # name -> (min size, max size, text that the provenance must contain)
 EXPECTED = {

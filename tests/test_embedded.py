@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from steerlex.errors import IntegrityError, MissingPackageError, ModelSpecError
+from steerlex.core.errors import IntegrityError, MissingPackageError, ModelSpecError
 from steerlex.models import embedded as emb
 from steerlex.models.embedded import MARKER, EmbeddedModel, GGUFPart, prepare_embedded
 from steerlex.models.loading import model_dir, resolve_spec

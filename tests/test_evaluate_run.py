@@ -17,7 +17,7 @@ from steerlex.evaluate import EvalError, config_from_dict, run_eval
 from steerlex.evaluate.cache import CacheWarning, EvalCache
 from steerlex.evaluate.cli import add_eval_parser
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.steer.runtime import SteeredModel
 
 HARM = [
@@ -48,10 +48,10 @@ def sources(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def make_sae(loaded: LoadedModel) -> TopKSAE:
+def make_sae(loaded: LoadedModel) -> SparseAutoencoder:
     cfg = SAEConfig(d_in=32, d_sae=64, k=8, layer=2, model_spec=loaded.spec,
                     weights_id=loaded.weights_id)  # fmt: skip
-    sae = TopKSAE(cfg)
+    sae = SparseAutoencoder(cfg)
     sae.reset_parameters(torch.Generator().manual_seed(0))
     return sae
 

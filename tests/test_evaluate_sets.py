@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from steerlex.core.errors import EvalError, SteerlexError
 from steerlex.data import TextItem
-from steerlex.errors import SteerlexError
 from steerlex.evaluate.sets import (
-    EvalError,
     SourceSpec,
     Template,
     build_sets,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from steerlex.core.errors import ExplainError
 from steerlex.explain.bias import (
     compare_methods,
     feature_subsets,
@@ -25,7 +26,6 @@ from steerlex.explain.bias import (
     word_list_metrics,
     word_lists,
 )
-from steerlex.explain.mi import ExplainError
 from steerlex.explain.run import Explanation
 from steerlex.explain.vocabulary import Vocabulary
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import WORDS
+from steerlex.core.errors import ExplainError
 from steerlex.explain.metrics import (
     _add_rows,
     _last_logprobs,
@@ -21,18 +22,17 @@ from steerlex.explain.metrics import (
     output_faithfulness,
     word_token_ids,
 )
-from steerlex.explain.mi import ExplainError
 from steerlex.models.hooks import edit_residual, forward_to_layer
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
 LAYER = 1
 PROMPTS = ("the cat", "tell me about", "a dog is")
 
 
-def make_sae(d_in: int = 32, d_sae: int = 16, layer: int | None = LAYER) -> TopKSAE:
+def make_sae(d_in: int = 32, d_sae: int = 16, layer: int | None = LAYER) -> SparseAutoencoder:
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=4, layer=layer))
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, k=4, layer=layer))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.01)
     return sae
@@ -81,7 +81,9 @@ def test_left_padding_matches_unpadded(tiny_loaded: LoadedModel) -> None:
             torch.testing.assert_close(batched[i], alone, atol=1e-4, rtol=1e-4)
 
 
-def _delta_ranking(loaded: LoadedModel, sae: TopKSAE, feature: int, strength: float) -> list[int]:
+def _delta_ranking(
+    loaded: LoadedModel, sae: SparseAutoencoder, feature: int, strength: float
+) -> list[int]:
     """Token ids ordered by how much adding the feature's direction raises them (mean over
     prompts), computed independently of output_faithfulness."""
     tok, model = loaded.tokenizer, loaded.model

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from conftest import make_tiny_llama, make_tokenizer
+from steerlex.core.errors import ExplainError
 from steerlex.explain import (
-    ExplainError,
     affinity_stats,
     decode_tokens,
     effective_words,
@@ -21,7 +21,7 @@ from steerlex.explain import (
     mi_scores,
 )
 from steerlex.explain.mi import _merge_topk, _slab_row_lse, _slab_topk
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
 
 def dense_scores(
@@ -318,9 +318,9 @@ def test_affinity_stats_and_temperature_suggestion() -> None:
 # --- feature vectors and LogitLens ------------------------------------------------------
 
 
-def tiny_sae(d_in: int = 32, d_sae: int = 16, norm_scale: float = 1.0) -> TopKSAE:
+def tiny_sae(d_in: int = 32, d_sae: int = 16, norm_scale: float = 1.0) -> SparseAutoencoder:
     torch.manual_seed(0)
-    return TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=4, norm_scale=norm_scale))
+    return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, k=4, norm_scale=norm_scale))
 
 
 def test_feature_vectors_final_norm_equals_the_models_norm() -> None:

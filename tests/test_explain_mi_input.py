@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import WORDS
+from steerlex.core.errors import ExplainError, LayerError
 from steerlex.explain import mi_input
-from steerlex.explain.mi import ExplainError
 from steerlex.explain.mi_input import (
     cached_word_activations,
     default_temperature,
@@ -19,17 +19,16 @@ from steerlex.explain.mi_input import (
     word_activations,
     word_residuals,
 )
-from steerlex.models.hooks import LayerError
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
 LAYER = 1
 TEMPLATES = ("{w}", "tell me about {w}", "the {w} is short")
 
 
-def make_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0) -> TopKSAE:
+def make_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0) -> SparseAutoencoder:
     torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=4))
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, k=4))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.01)
         sae.b_dec.normal_(0, 0.01)
@@ -37,11 +36,13 @@ def make_sae(d_in: int = 32, d_sae: int = 64, seed: int = 0) -> TopKSAE:
 
 
 @pytest.fixture
-def sae() -> TopKSAE:
+def sae() -> SparseAutoencoder:
     return make_sae()
 
 
-def _manual(loaded: LoadedModel, sae: TopKSAE, text: str, positions: list[int]) -> torch.Tensor:
+def _manual(
+    loaded: LoadedModel, sae: SparseAutoencoder, text: str, positions: list[int]
+) -> torch.Tensor:
     ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
     with torch.no_grad():
         out = loaded.model(input_ids=ids, output_hidden_states=True)
@@ -49,7 +50,7 @@ def _manual(loaded: LoadedModel, sae: TopKSAE, text: str, positions: list[int]) 
         return sae.pre_acts(resid)
 
 
-def test_shape_and_manual_value(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
+def test_shape_and_manual_value(tiny_loaded: LoadedModel, sae: SparseAutoencoder) -> None:
     acts = word_activations(tiny_loaded, sae, LAYER, WORDS, templates=TEMPLATES, progress=False)
     assert acts.shape == (len(WORDS), sae.d_sae)
     assert acts.dtype == torch.float32
@@ -67,7 +68,7 @@ def test_shape_and_manual_value(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
     torch.testing.assert_close(acts[WORDS.index("cat")], torch.stack(parts).mean(0))
 
 
-def test_multi_token_word_is_averaged(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
+def test_multi_token_word_is_averaged(tiny_loaded: LoadedModel, sae: SparseAutoencoder) -> None:
     # The word-level tokenizer splits "cat dog" into two tokens: both positions are averaged.
     got = word_activations(
         tiny_loaded,
@@ -82,7 +83,9 @@ def test_multi_token_word_is_averaged(tiny_loaded: LoadedModel, sae: TopKSAE) ->
     torch.testing.assert_close(got[0], want)
 
 
-def test_batching_and_padding_do_not_change_values(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
+def test_batching_and_padding_do_not_change_values(
+    tiny_loaded: LoadedModel, sae: SparseAutoencoder
+) -> None:
     a1 = word_activations(
         tiny_loaded, sae, LAYER, WORDS[:9], templates=TEMPLATES, batch_size=1, progress=False
     )
@@ -92,7 +95,7 @@ def test_batching_and_padding_do_not_change_values(tiny_loaded: LoadedModel, sae
     torch.testing.assert_close(a1, a2, atol=1e-5, rtol=1e-5)
 
 
-def test_acts_option(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
+def test_acts_option(tiny_loaded: LoadedModel, sae: SparseAutoencoder) -> None:
     resid = word_residuals(tiny_loaded, LAYER, ["cat", "dog"], templates=["{w}"])
     acts = word_activations(
         (tiny_loaded.model, tiny_loaded.tokenizer),
@@ -109,7 +112,10 @@ def test_acts_option(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
 
 
 def test_cache_hit_skips_model(
-    tiny_loaded: LoadedModel, sae: TopKSAE, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls = {"n": 0}
     real = mi_input.forward_to_layer
@@ -154,7 +160,7 @@ def test_cache_hit_skips_model(
 
 
 def test_corrupt_cache_entry_is_recomputed(
-    tiny_loaded: LoadedModel, sae: TopKSAE, tmp_path: Path
+    tiny_loaded: LoadedModel, sae: SparseAutoencoder, tmp_path: Path
 ) -> None:
     first = cached_word_activations(tiny_loaded, sae, LAYER, WORDS[:5], tmp_path, progress=False)
     (entry,) = tmp_path.glob("mi_input-*.safetensors")
@@ -163,7 +169,9 @@ def test_corrupt_cache_entry_is_recomputed(
     torch.testing.assert_close(first, again)
 
 
-def test_planted_feature_ranks_its_word_first(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
+def test_planted_feature_ranks_its_word_first(
+    tiny_loaded: LoadedModel, sae: SparseAutoencoder
+) -> None:
     resid = word_residuals(tiny_loaded, LAYER, WORDS, templates=TEMPLATES)
     target = WORDS.index("python")
     direction = resid[target] - resid.mean(dim=0)
@@ -236,7 +244,7 @@ def test_log_p_c_prior() -> None:
 # --- bad inputs --------------------------------------------------------------------------
 
 
-def test_bad_word_inputs(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
+def test_bad_word_inputs(tiny_loaded: LoadedModel, sae: SparseAutoencoder) -> None:
     with pytest.raises(ExplainError, match="word list is empty"):
         word_activations(tiny_loaded, sae, LAYER, [], progress=False)
     with pytest.raises(ExplainError, match="not one string"):
@@ -246,7 +254,9 @@ def test_bad_word_inputs(tiny_loaded: LoadedModel, sae: TopKSAE) -> None:
 
 
 @pytest.mark.parametrize("templates", [["the cat"], ["{w} and {w}"], [], ["{word}"]])
-def test_bad_templates(tiny_loaded: LoadedModel, sae: TopKSAE, templates: list[str]) -> None:
+def test_bad_templates(
+    tiny_loaded: LoadedModel, sae: SparseAutoencoder, templates: list[str]
+) -> None:
     with pytest.raises(ExplainError, match="template"):
         word_activations(tiny_loaded, sae, LAYER, ["cat"], templates=templates, progress=False)
 

@@ -9,18 +9,18 @@ import pytest
 
 from conftest import WORDS, save_tiny_model
 from steerlex.cli import main
-from steerlex.explain.mi import ExplainError
+from steerlex.core.errors import ExplainError, SAEError
 from steerlex.explain.run import explain_sae
 from steerlex.explain.vocabulary import vocabulary_from_file
 from steerlex.models.loading import load_model
-from steerlex.sae import SAEConfig, TopKSAE, save_sae
+from steerlex.sae import SAEConfig, SparseAutoencoder, save_sae
 
 
 @pytest.fixture
 def setup(tmp_path: Path, cache_dir: Path) -> dict[str, Path]:
     model_dir = save_tiny_model(tmp_path / "tiny")
     weights_id = load_model(str(model_dir)).weights_id
-    sae = TopKSAE(
+    sae = SparseAutoencoder(
         SAEConfig(d_in=32, d_sae=24, k=4, model_spec=str(model_dir), weights_id=weights_id, layer=1)
     )
     save_sae(sae, tmp_path / "sae")
@@ -54,21 +54,21 @@ def test_explain_cli_writes_jsonl(
 def test_explain_bad_inputs(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     loaded = load_model(str(setup["model"]))
     vocab = vocabulary_from_file(setup["vocab"])
-    sae = TopKSAE(
+    sae = SparseAutoencoder(
         SAEConfig(
             d_in=32, d_sae=24, k=4, weights_id="sha256:other", model_spec="elsewhere", layer=1
         )
     )
-    with pytest.raises(ExplainError, match=r"trained on elsewhere \(sha256:other\)"):
+    with pytest.raises(SAEError, match=r"trained on elsewhere \(sha256:other\)"):
         explain_sae(sae, loaded, "mi", vocab=vocab)
-    ok = TopKSAE(SAEConfig(d_in=32, d_sae=24, k=4, layer=1))
+    ok = SparseAutoencoder(SAEConfig(d_in=32, d_sae=24, k=4, layer=1))
     with pytest.raises(ExplainError, match=r"Feature ids \[30\] are out of range"):
         explain_sae(ok, loaded, "mi", vocab=vocab, features=[30])
     with pytest.raises(ExplainError, match="needs a vocabulary"):
         explain_sae(ok, loaded, "mi")
     with pytest.raises(ExplainError, match="Unknown explanation method 'n2g'"):
         explain_sae(ok, loaded, "n2g", vocab=vocab)
-    wide = TopKSAE(SAEConfig(d_in=48, d_sae=24, k=4, layer=1))
+    wide = SparseAutoencoder(SAEConfig(d_in=48, d_sae=24, k=4, layer=1))
     code = main(["explain", "--sae", str(setup["root"] / "nope"), "--method", "mi"])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
     save_sae(wide, setup["root"] / "wide")

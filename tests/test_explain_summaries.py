@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 
+from steerlex.core.errors import BackendError, SummaryError
 from steerlex.explain.run import Explanation
 from steerlex.explain.summaries import (
     CANNOT_TELL,
     CONTEXTS_SYSTEM,
     SUMMARY_SYSTEM,
-    BackendError,
     BadAnswer,
     OpenAIBackend,
-    SummaryError,
     SummaryWarning,
     TransformersBackend,
     backend_from_options,

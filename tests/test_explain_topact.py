@@ -15,10 +15,10 @@ from steerlex.activations.store import (
     write_index,
     write_shard,
 )
+from steerlex.core.errors import ExplainError, SAEError
 from steerlex.explain import topact
-from steerlex.explain.mi import ExplainError
 from steerlex.explain.topact import Span, clean_word, top_activations, topact_words
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
 D = 6
 PREFIX = 5  # positions of the dropped template prefix
@@ -55,9 +55,9 @@ def make_store(
     return store
 
 
-def planted_sae(d_sae: int = 4, k: int = 2) -> TopKSAE:
+def planted_sae(d_sae: int = 4, k: int = 2) -> SparseAutoencoder:
     """Feature c reads coordinate c of the activation (no biases)."""
-    sae = TopKSAE(SAEConfig(d_in=D, d_sae=d_sae, k=k))
+    sae = SparseAutoencoder(SAEConfig(d_in=D, d_sae=d_sae, k=k))
     with torch.no_grad():
         sae.W_enc.zero_()
         for c in range(min(d_sae, D)):
@@ -169,7 +169,11 @@ def test_identical_contexts_are_removed(tmp_path: Path) -> None:
 
 
 def reference(
-    sae: TopKSAE, store: ActivationStore, per_feature: int, window: tuple[int, int], per_group: int
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    per_feature: int,
+    window: tuple[int, int],
+    per_group: int,
 ) -> dict[int, list[tuple[float, int, int, tuple[int, ...]]]]:
     """Dense one-shot TopAct with unlimited candidates, written plainly."""
     shards = [store.load_shard(i) for i in range(len(store.shards))]
@@ -218,7 +222,7 @@ def test_streaming_equals_one_shot(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         shards.append(texts)
         acts.append(torch.randn(sum(len(t) for t in texts), D, generator=gen))
     store = make_store(tmp_path / "s", shards, acts)
-    sae = TopKSAE(SAEConfig(d_in=D, d_sae=7, k=3))
+    sae = SparseAutoencoder(SAEConfig(d_in=D, d_sae=7, k=3))
     sae.reset_parameters(torch.Generator().manual_seed(1))
 
     def flat(
@@ -279,8 +283,10 @@ def test_decoding_and_words(tmp_path: Path) -> None:
 
 def test_bad_inputs(basic_store: ActivationStore, tmp_path: Path) -> None:
     sae = planted_sae()
-    with pytest.raises(ExplainError, match=r"width 8.*width 6"):
-        top_activations(TopKSAE(SAEConfig(d_in=8, d_sae=4, k=2)), basic_store, progress=False)
+    with pytest.raises(SAEError, match=r"d_in=8.*width-6"):
+        top_activations(
+            SparseAutoencoder(SAEConfig(d_in=8, d_sae=4, k=2)), basic_store, progress=False
+        )
     with pytest.raises(ExplainError, match="per_feature"):
         top_activations(sae, basic_store, per_feature=0, progress=False)
     for bad in [(1,), (-1, 2), (1, 2, 3), (1.5, 2)]:

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteerlexError, VocabularyError
 from steerlex.explain.vocabulary import (
     ENGLISH_STOPWORDS,
     Vocabulary,
-    VocabularyError,
     base_form,
     vocabulary_from_corpus,
     vocabulary_from_file,

@@ -13,9 +13,8 @@ import transformers as tf
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import LayerError, SteerlexError
 from steerlex.models.hooks import (
-    LayerError,
     check_layer,
     decoder_layers,
     edit_residual,

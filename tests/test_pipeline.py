@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from steerlex.cli import main
+from steerlex.core.errors import PipelineError
 from steerlex.pipeline import run as prun
 from steerlex.pipeline.config import (
     PROFILES,
-    PipelineError,
     RunConfig,
     config_dict,
     config_fingerprint,

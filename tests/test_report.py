@@ -22,7 +22,7 @@ from report_helpers import (
     tiny_store,
 )
 from steerlex.activations.store import ActivationStore, create_store
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SAEError, SteerlexError
 from steerlex.models.chat import encode_prompt
 from steerlex.models.loading import LoadedModel
 from steerlex.report import (
@@ -39,7 +39,7 @@ from steerlex.report import (
 )
 from steerlex.report.features import readable_token
 from steerlex.report.html import markdown_table_html
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
 # --------------------------------------------------------------------------- feature_stats
 
@@ -123,7 +123,7 @@ def test_feature_stats_histogram_grows_exactly_and_max_tokens(tmp_path: Path) ->
     x[:, 1] = -1.0  # never fires
     x[:, 2] = 1.0
     store = create_store(tmp_path / "s", [x[:4], x[4:7], x[7:]])
-    sae = TopKSAE(SAEConfig(d_in=3, d_sae=3, architecture="relu"))
+    sae = SparseAutoencoder(SAEConfig(d_in=3, d_sae=3, architecture="relu"))
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(3))
         sae.b_enc.zero_()
@@ -150,8 +150,8 @@ def test_feature_stats_bad_input(tiny_loaded: LoadedModel, store: ActivationStor
         feature_stats(sae, store, str, top_k=0, progress=False)
     with pytest.raises(ReportError, match="bins"):
         feature_stats(sae, store, str, bins=0, progress=False)
-    wide = TopKSAE(SAEConfig(d_in=16, d_sae=8, k=2))
-    with pytest.raises(ReportError, match="width 16"):
+    wide = SparseAutoencoder(SAEConfig(d_in=16, d_sae=8, k=2))
+    with pytest.raises(SAEError, match="d_in=16.*width-32"):
         feature_stats(wide, store, str, progress=False)
 
 

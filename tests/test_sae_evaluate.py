@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from conftest import SENTENCES, make_tiny_llama, make_tokenizer
 from steerlex.activations import ActivationStore, HarvestOptions, harvest
 from steerlex.activations import store as store_mod
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SAEError, SteerlexError
 from steerlex.models.chat import encode_prompt
 from steerlex.models.hooks import read_residual
 from steerlex.models.loading import LoadedModel
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.evaluate import (
     EVAL_FILE,
     FREQUENCY_FILE,
@@ -26,7 +27,6 @@ from steerlex.sae.evaluate import (
     evaluate_sae,
     spliced_lm_loss,
 )
-from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
 
 LAYER = 1
 D = 32  # tiny Llama width
@@ -42,9 +42,9 @@ class Item:
 ITEMS = [Item(s, f"t{i}") for i, s in enumerate(SENTENCES)]
 
 
-def perfect_sae(d: int, **cfg: object) -> TopKSAE:
+def perfect_sae(d: int, **cfg: object) -> SparseAutoencoder:
     """TopK SAE with latents relu(x), relu(-x) and k = d: reconstructs any x exactly."""
-    sae = TopKSAE(SAEConfig(d_in=d, d_sae=2 * d, k=d, **cfg))  # type: ignore[arg-type]
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=2 * d, k=d, **cfg))  # type: ignore[arg-type]
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
@@ -53,13 +53,15 @@ def perfect_sae(d: int, **cfg: object) -> TopKSAE:
     return sae
 
 
-def random_sae(d: int = D, d_sae: int = 64, k: int = 4, layer: int | None = LAYER) -> TopKSAE:
-    sae = TopKSAE(SAEConfig(d_in=d, d_sae=d_sae, k=k, layer=layer))
+def random_sae(
+    d: int = D, d_sae: int = 64, k: int = 4, layer: int | None = LAYER
+) -> SparseAutoencoder:
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=d_sae, k=k, layer=layer))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     return sae
 
 
-def reference_metrics(sae: TopKSAE, x: torch.Tensor) -> dict[str, float]:
+def reference_metrics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
     """One-shot float64 computation of the definitions."""
     with torch.no_grad():
         recon = sae(x).double()
@@ -88,7 +90,7 @@ def test_perfect_sae_has_nmse_zero() -> None:
 
 def test_sae_that_outputs_the_mean_has_nmse_one() -> None:
     x = torch.randn(500, 8, dtype=torch.float64).float() * 2 + 10
-    sae = TopKSAE(SAEConfig(d_in=8, d_sae=16, k=2))
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, k=2))
     with torch.no_grad():
         assert sae.W_dec_free is not None
         sae.W_dec_free.zero_()
@@ -105,7 +107,7 @@ def test_sae_that_outputs_the_mean_has_nmse_one() -> None:
 
 
 def test_topk_l0_is_exactly_k_with_positive_pre_acts() -> None:
-    sae = TopKSAE(SAEConfig(d_in=8, d_sae=40, k=5, apply_b_dec_to_input=False))
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=40, k=5, apply_b_dec_to_input=False))
     with torch.no_grad():
         sae.W_enc.abs_()
         sae.b_enc.fill_(1.0)
@@ -115,9 +117,9 @@ def test_topk_l0_is_exactly_k_with_positive_pre_acts() -> None:
     assert sum(m["firing_frequency"]) == pytest.approx(5.0)
 
 
-def hand_built() -> tuple[TopKSAE, torch.Tensor]:
+def hand_built() -> tuple[SparseAutoencoder, torch.Tensor]:
     """ReLU SAE with latent j = relu(x_j); latents fire on 100%, 5%, 0% and 20% of tokens."""
-    sae = TopKSAE(SAEConfig(d_in=4, d_sae=4, architecture="relu"))
+    sae = SparseAutoencoder(SAEConfig(d_in=4, d_sae=4, architecture="relu"))
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(4))
         assert sae.W_dec_free is not None
@@ -356,7 +358,7 @@ def test_only_kept_positions_are_edited(trained: LoadedModel, chat: bool, keep: 
 
 
 def test_spliced_bad_inputs(trained: LoadedModel) -> None:
-    with pytest.raises(SAEError, match=r"d_in=16.*tiny:trained layer 1 has residual width 32"):
+    with pytest.raises(SAEError, match=r"d_in=16.*does not match layer 1 width 32 of tiny:trained"):
         spliced_lm_loss(trained, random_sae(d=16), SENTENCES, LAYER, progress=False)
     with pytest.raises(SAEError, match=r"trained on layer 2.*layer 1 of tiny:trained"):
         spliced_lm_loss(trained, random_sae(layer=2), SENTENCES, LAYER, progress=False)

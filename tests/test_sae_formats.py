@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SAEError, SteerlexError
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.foreign import load_pth, save_sparsify
 from steerlex.sae.formats import (
     SAELENS_CFG,
     SAELENS_WEIGHTS,
-    check_sae_matches,
     convert_sae,
     detect_format,
     hook_name_for_layer,
@@ -29,7 +29,6 @@ from steerlex.sae.formats import (
     load_sae,
     save_sae,
 )
-from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
 
 D_IN, D_SAE, K = 16, 64, 8
 ATOL = 1e-5
@@ -43,7 +42,7 @@ def make_sae(
     apply_b_dec_to_input: bool = True,
     seed: int = 0,
     **kw: Any,
-) -> TopKSAE:
+) -> SparseAutoencoder:
     """A small SAE with random (not just initial) weights."""
     torch.manual_seed(seed)
     cfg = SAEConfig(
@@ -56,7 +55,7 @@ def make_sae(
         apply_b_dec_to_input=apply_b_dec_to_input,
         **kw,
     )
-    sae = TopKSAE(cfg)
+    sae = SparseAutoencoder(cfg)
     with torch.no_grad():
         sae.W_enc.normal_(0, 0.3)
         sae.b_enc.normal_(0, 0.5)
@@ -72,7 +71,7 @@ def inputs(n: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed))
 
 
-def assert_same_sae(a: TopKSAE, b: TopKSAE, x: torch.Tensor) -> None:
+def assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder, x: torch.Tensor) -> None:
     """Same dense latents and the same reconstruction on ``x``."""
     with torch.no_grad():
         torch.testing.assert_close(a.encode(x), b.encode(x), atol=ATOL, rtol=1e-5)
@@ -504,7 +503,7 @@ def test_pth_tied_topk_matches_tied_sae(tmp_path: Path) -> None:
     torch.save(sd, path)
     sae = load_sae(path, k=K)
     assert sae.cfg.tied and sae.cfg.k == K
-    ref = TopKSAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, tied=True))
+    ref = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, tied=True))
     with torch.no_grad():
         ref.W_enc.copy_(sd["W_enc"])
         ref.b_enc.copy_(sd["b_enc"])
@@ -669,16 +668,3 @@ def test_unknown_paths(tmp_path: Path) -> None:
     with pytest.raises(SAEError, match=r"several SAEs \(layer_2, layer_4\); pass one"):
         load_sae(run)
     assert issubclass(SAEError, SteerlexError)
-
-
-def test_check_sae_matches() -> None:
-    sae = make_sae(layer=8)
-    check_sae_matches(sae, D_IN, "tiny:llama", 8)
-    with pytest.raises(SAEError) as info:
-        check_sae_matches(sae, 576, "embedded:smollm2-135m-instruct", 8)
-    assert str(info.value) == (
-        f"SAE d_in={D_IN} does not match layer 8 width 576 of "
-        "embedded:smollm2-135m-instruct; pass the SAE trained for this model."
-    )
-    with pytest.warns(UserWarning, match="trained on layer 8 but is used on layer 3"):
-        check_sae_matches(sae, D_IN, "tiny:llama", 3)

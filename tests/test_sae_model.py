@@ -1,16 +1,19 @@
-"""TopKSAE: encode/decode contracts, the sparse decode against the dense path, options."""
+"""SparseAutoencoder: encode/decode contracts, the sparse decode against the dense path, options."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from steerlex.sae import SAEConfig, SAEError, TopKSAE
+from steerlex.core.errors import SAEError
+from steerlex.sae import SAEConfig, SparseAutoencoder
 
 
-def make(tied: bool = False, scale: float = 1.0, k: int = 4, apply_b_dec: bool = True) -> TopKSAE:
+def make(
+    tied: bool = False, scale: float = 1.0, k: int = 4, apply_b_dec: bool = True
+) -> SparseAutoencoder:
     torch.manual_seed(0)
-    sae = TopKSAE(
+    sae = SparseAutoencoder(
         SAEConfig(
             d_in=16, d_sae=64, k=k, tied=tied, norm_scale=scale, apply_b_dec_to_input=apply_b_dec
         )
@@ -98,10 +101,10 @@ def test_parallel_grad_removed() -> None:
 
 
 def test_relu_and_jumprelu_encode() -> None:
-    relu = TopKSAE(SAEConfig(d_in=8, d_sae=12, architecture="relu"))
+    relu = SparseAutoencoder(SAEConfig(d_in=8, d_sae=12, architecture="relu"))
     x = torch.randn(4, 8)
     assert torch.equal(relu.encode(x), torch.relu(relu.pre_acts(x)))
-    jump = TopKSAE(SAEConfig(d_in=8, d_sae=12, architecture="jumprelu"))
+    jump = SparseAutoencoder(SAEConfig(d_in=8, d_sae=12, architecture="jumprelu"))
     assert jump.threshold is not None
     with torch.no_grad():
         jump.threshold.fill_(0.3)
@@ -122,11 +125,11 @@ def test_relu_and_jumprelu_encode() -> None:
 )
 def test_bad_configs(cfg: dict[str, object], message: str) -> None:
     with pytest.raises(SAEError, match=message):
-        TopKSAE(SAEConfig(**cfg))  # type: ignore[arg-type]
+        SparseAutoencoder(SAEConfig(**cfg))  # type: ignore[arg-type]
 
 
 def test_width_mismatch_names_both() -> None:
-    sae = TopKSAE(
+    sae = SparseAutoencoder(
         SAEConfig(
             d_in=896, d_sae=32, k=2, model_spec="embedded:qwen2.5-coder-0.5b-instruct", layer=8
         )

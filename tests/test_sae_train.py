@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from steerlex.activations.store import ActivationStore, create_store
-from steerlex.sae import SAEError
-from steerlex.sae.train import (
-    TrainConfig,
-    TrainingDiverged,
-    geometric_median,
-    k_at,
-    lr_factor,
-    train_sae,
-)
+from steerlex.core.errors import SAEError, TrainingDiverged
+from steerlex.sae.train import TrainConfig, geometric_median, k_at, lr_factor, train_sae
 
 D, D_SAE, K = 24, 96, 4
 

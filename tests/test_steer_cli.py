@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteeringError, SteerlexError
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import save_sae
-from steerlex.sae.model import SAEConfig, TopKSAE
 from steerlex.steer.cli import add_steer_parsers, parse_feature_list
-from steerlex.steer.strategies import SteeringError
 
 
 def run(argv: Sequence[str]) -> int:
@@ -37,7 +36,7 @@ def run(argv: Sequence[str]) -> int:
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("steer-cli")
     model_dir = save_tiny_model(root / "model")
-    sae = TopKSAE(SAEConfig(d_in=32, d_sae=64, k=8, layer=2, model_spec=str(model_dir)))
+    sae = SparseAutoencoder(SAEConfig(d_in=32, d_sae=64, k=8, layer=2, model_spec=str(model_dir)))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     save_sae(sae, root / "sae")
     return model_dir, root / "sae"
@@ -182,6 +181,6 @@ def test_parse_feature_list(tmp_path: Path) -> None:
     (tmp_path / "none.json").write_text(json.dumps({"chosen": []}))
     with pytest.raises(SteeringError, match='no "features" list'):
         parse_feature_list(str(tmp_path / "none.json"))
-    other = TopKSAE(SAEConfig(d_in=8, d_sae=32, k=4))
+    other = SparseAutoencoder(SAEConfig(d_in=8, d_sae=32, k=4))
     with pytest.raises(SteeringError, match="d_sae=64.*d_sae=32"):
         parse_feature_list(str(sel), sae=other)

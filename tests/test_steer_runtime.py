@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SAEError, SteerlexError
 from steerlex.models.chat import EncodedPrompt
 from steerlex.models.hooks import edit_residual, read_residual
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.steer import (
     Ablate,
     Amplification,
@@ -35,7 +35,7 @@ SELECTED = (3, 11, 20)
 HARM = (40, 41)
 
 
-def make_sae(loaded: LoadedModel, seed: int = 0) -> TopKSAE:
+def make_sae(loaded: LoadedModel, seed: int = 0) -> SparseAutoencoder:
     cfg = SAEConfig(
         d_in=32,
         d_sae=64,
@@ -44,12 +44,12 @@ def make_sae(loaded: LoadedModel, seed: int = 0) -> TopKSAE:
         model_spec=loaded.spec,
         weights_id=loaded.weights_id,
     )
-    sae = TopKSAE(cfg)
+    sae = SparseAutoencoder(cfg)
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     return sae
 
 
-def set_harm(sae: TopKSAE, bias: float) -> None:
+def set_harm(sae: SparseAutoencoder, bias: float) -> None:
     with torch.no_grad():
         sae.b_enc[list(HARM)] = bias
 
@@ -243,7 +243,7 @@ def test_batch_and_single_agree(tiny_loaded: LoadedModel, strategy: object) -> N
 
 
 def manual_greedy(
-    loaded: LoadedModel, sae: TopKSAE, strategy: Any, enc: EncodedPrompt, n: int
+    loaded: LoadedModel, sae: SparseAutoencoder, strategy: Any, enc: EncodedPrompt, n: int
 ) -> tuple[int, ...]:
     """Greedy decoding without a KV cache: the whole sequence is recomputed and edited each step."""
     ids = list(enc.input_ids)
@@ -405,11 +405,11 @@ def test_chat_rejects_bad_messages(
 
 def test_sae_must_match_the_model(tiny_loaded: LoadedModel) -> None:
     sae = make_sae(tiny_loaded)
-    wide = TopKSAE(SAEConfig(d_in=48, d_sae=64, k=8, layer=LAYER))
+    wide = SparseAutoencoder(SAEConfig(d_in=48, d_sae=64, k=8, layer=LAYER))
     with pytest.raises(SAEError, match="d_in=48 does not match layer 2 width 32"):
         SteeredModel(tiny_loaded, wide, Ablate((1,)))
     sae.cfg.weights_id = "sha256:other"
-    with pytest.raises(SteeringError, match="sha256:other.*check_weights=False"):
+    with pytest.raises(SAEError, match="sha256:other.*check_weights=False"):
         SteeredModel(tiny_loaded, sae, Ablate((1,)))
     SteeredModel(tiny_loaded, sae, Ablate((1,)), check_weights=False)
     sae.cfg.layer = None

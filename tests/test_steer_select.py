@@ -14,26 +14,24 @@ import torch
 from torch import Tensor
 
 from conftest import save_tiny_model
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import BackendError, ConceptError, SAEError, SelectionError, SteerlexError
 from steerlex.explain.run import Explanation, write_explanations
-from steerlex.explain.summaries import BackendError, BadAnswer, SummaryWarning
+from steerlex.explain.summaries import BadAnswer, SummaryWarning
 from steerlex.models.hooks import forward_to_layer
 from steerlex.models.loading import LoadedModel, load_model
-from steerlex.sae import SAEConfig, TopKSAE, save_sae
+from steerlex.sae import SAEConfig, SparseAutoencoder, save_sae
 from steerlex.steer.concepts import (
     DEFENCE_CATEGORIES,
     HARM,
     PRESETS,
     SAFETY,
     Concept,
-    ConceptError,
     concept_from_dict,
     get_concept,
     parse_words,
 )
 from steerlex.steer.select import (
     FeatureSelection,
-    SelectionError,
     generic_words,
     mean_activations,
     parse_category,
@@ -91,8 +89,8 @@ def four() -> list[Explanation]:
     ]
 
 
-def small_sae(d_sae: int = 8, d_in: int = 32, **cfg: object) -> TopKSAE:
-    return TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=2, **cfg))  # type: ignore[arg-type]
+def small_sae(d_sae: int = 8, d_in: int = 32, **cfg: object) -> SparseAutoencoder:
+    return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=d_sae, k=2, **cfg))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- concepts
@@ -337,11 +335,15 @@ HARMFUL = ["fire car bike", "car fire fire", "bike car"]
 BENIGN = ["cat dog rain", "rain sun tree", "dog tree cat"]
 
 
-def planted_sae(loaded: LoadedModel, layer: int, feature: int, d_sae: int = 16) -> TopKSAE:
+def planted_sae(
+    loaded: LoadedModel, layer: int, feature: int, d_sae: int = 16
+) -> SparseAutoencoder:
     """A random SAE whose ``feature`` fires on the harmful prompts' tokens only."""
     from steerlex.models.chat import encode_prompt
 
-    sae = TopKSAE(SAEConfig(d_in=32, d_sae=d_sae, k=3, weights_id=loaded.weights_id, layer=layer))
+    sae = SparseAutoencoder(
+        SAEConfig(d_in=32, d_sae=d_sae, k=3, weights_id=loaded.weights_id, layer=layer)
+    )
     rows, labels = [], []
     for texts, y in ((HARMFUL, 1.0), (BENIGN, -1.0)):
         for t in texts:
@@ -386,7 +388,7 @@ def test_data_selection_rejects_a_mismatched_sae(tiny_loaded: LoadedModel) -> No
     with pytest.raises(SteerlexError, match="d_in=48 does not match layer 1 width 32"):
         select_features(None, "harm", sae=small_sae(8, d_in=48, layer=1), **kw)  # type: ignore[arg-type]
     other = small_sae(8, layer=1, weights_id="sha256:other", model_spec="elsewhere")
-    with pytest.raises(SelectionError, match="use the model it was trained on"):
+    with pytest.raises(SAEError, match="use the model it was trained on"):
         select_features(None, "harm", sae=other, **kw)  # type: ignore[arg-type]
     with pytest.raises(SelectionError, match="does not record its layer"):
         select_features(None, "harm", sae=small_sae(8), **kw)  # type: ignore[arg-type]

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_loaded, save_tiny_model
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import save_sae
-from steerlex.sae.model import SAEConfig, TopKSAE
 from steerlex.steer import Amplification, SteeredModel, encode_chat
 from steerlex.steer.cli import add_steer_parsers
 from steerlex.steer.server import ServerLimits, SteeringServer, make_server
@@ -32,7 +32,7 @@ MESSAGES = [{"role": "user", "content": "tell me a short story about the cat"}]
 
 def make_steered() -> SteeredModel:
     loaded = make_tiny_loaded()
-    sae = TopKSAE(SAEConfig(d_in=32, d_sae=64, k=8, layer=2))
+    sae = SparseAutoencoder(SAEConfig(d_in=32, d_sae=64, k=8, layer=2))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     return SteeredModel(loaded, sae, Amplification((3, 11), alpha=ALPHA))
 
@@ -382,7 +382,7 @@ def test_cli_serve(
     import steerlex.steer.server as server_mod
 
     model_dir = save_tiny_model(tmp_path / "model")
-    sae = TopKSAE(SAEConfig(d_in=32, d_sae=64, k=8, layer=2, model_spec=str(model_dir)))
+    sae = SparseAutoencoder(SAEConfig(d_in=32, d_sae=64, k=8, layer=2, model_spec=str(model_dir)))
     sae.reset_parameters(torch.Generator().manual_seed(0))
     save_sae(sae, tmp_path / "sae")
     seen: dict[str, Any] = {}

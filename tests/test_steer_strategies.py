@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.core.errors import SteeringError
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.steer.strategies import (
     Ablate,
     Amplification,
     Calibration,
     Clamp,
     Condition,
-    SteeringError,
     feature_pre_acts,
     make_strategy,
 )
@@ -22,8 +22,10 @@ from steerlex.steer.strategies import (
 D = 32
 
 
-def random_sae(d_sae: int = 64, k: int = 8, seed: int = 0, norm_scale: float = 1.0) -> TopKSAE:
-    sae = TopKSAE(SAEConfig(d_in=D, d_sae=d_sae, k=k, norm_scale=norm_scale))
+def random_sae(
+    d_sae: int = 64, k: int = 8, seed: int = 0, norm_scale: float = 1.0
+) -> SparseAutoencoder:
+    sae = SparseAutoencoder(SAEConfig(d_in=D, d_sae=d_sae, k=k, norm_scale=norm_scale))
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
@@ -31,9 +33,9 @@ def random_sae(d_sae: int = 64, k: int = 8, seed: int = 0, norm_scale: float = 1
     return sae
 
 
-def orthonormal_sae(d_sae: int = 16) -> TopKSAE:
+def orthonormal_sae(d_sae: int = 16) -> SparseAutoencoder:
     """A tied SAE with orthonormal decoder rows and k = d_sae: encode(decode(a)) == a for a >= 0."""
-    sae = TopKSAE(SAEConfig(d_in=D, d_sae=d_sae, k=d_sae, tied=True))
+    sae = SparseAutoencoder(SAEConfig(d_in=D, d_sae=d_sae, k=d_sae, tied=True))
     q, _ = torch.linalg.qr(torch.randn(D, d_sae, generator=torch.Generator().manual_seed(3)))
     with torch.no_grad():
         sae.W_enc.copy_(q)

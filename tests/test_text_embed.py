@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import steerlex.models.embedded as embedded
-from steerlex.errors import IntegrityError, MissingPackageError, SteerlexError
-from steerlex.models.cache import sha256_file
+from steerlex.core.errors import IntegrityError, MissingPackageError, SteerlexError
+from steerlex.core.io import sha256_file
 from steerlex.text_embed import (
     DIM,
     INSTALL,

@@ -4,7 +4,7 @@ Method: Wu et al., "Interpreting and Steering LLMs with Mutual Information-based
 Explanations on Sparse Autoencoders", arXiv 2502.15576.
 """
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteerlexError
 
 __version__ = "0.1.0"
 

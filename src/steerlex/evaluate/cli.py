@@ -62,8 +62,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from steerlex.core.errors import EvalError
     from steerlex.evaluate.config import DefenceConfig, config_to_dict, default_defences
-    from steerlex.evaluate.sets import EvalError
 
     out: dict[str, Any] = {}
     for key in ("model", "sae", "layer", "out", "cache", "seed", "device", "features"):

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerlex.configs import build_strict, config_to_dict, merge, read_json_config
-from steerlex.evaluate.sets import EvalError, SourceSpec
+from steerlex.core.config import build_strict, config_to_dict, merge, read_json_config
+from steerlex.core.errors import EvalError
+from steerlex.evaluate.sets import SourceSpec
 
 __all__ = [
     "PROFILES",

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steerlex.core.errors import EvalError, SteeringError
 from steerlex.evaluate.metrics import kl_per_position
-from steerlex.evaluate.sets import EvalError
 from steerlex.models.chat import (
     EncodedPrompt,
     encode_prompt,
@@ -37,9 +37,9 @@ from steerlex.models.chat import (
 )
 from steerlex.models.hooks import edit_residual
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.model import SAEConfig, TopKSAE
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.steer.runtime import SteeredModel
-from steerlex.steer.strategies import SteeringError, SteeringStrategy
+from steerlex.steer.strategies import SteeringStrategy
 
 __all__ = [
     "DEFENCE_KINDS",
@@ -105,7 +105,7 @@ class DenseDirection(SteeringStrategy):
     def describe(self) -> str:
         return f"dense alpha={self.alpha:g} x mean residual norm {self.scale:.3g}"
 
-    def check(self, sae: TopKSAE) -> None:
+    def check(self, sae: SparseAutoencoder) -> None:
         super().check(sae)
         assert self.direction is not None
         if self.direction.shape[0] != sae.d_in:
@@ -114,7 +114,7 @@ class DenseDirection(SteeringStrategy):
                 f"{sae.d_in}; compute it on this model's layer."
             )
 
-    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
         assert self.direction is not None
         if self.alpha == 0.0:
             return h, torch.zeros_like(mask)
@@ -122,20 +122,20 @@ class DenseDirection(SteeringStrategy):
         return (h.float() + add).to(h.device), torch.ones_like(mask)
 
 
-def placeholder_sae(loaded: LoadedModel, layer: int, width: int) -> TopKSAE:
+def placeholder_sae(loaded: LoadedModel, layer: int, width: int) -> SparseAutoencoder:
     """A 1-latent, all-zero SAE: the runtime needs one to run, the dense and prompt defences
     never read it."""
     cfg = SAEConfig(
         d_in=width, d_sae=1, k=1, layer=layer, model_spec=loaded.spec, weights_id=loaded.weights_id
     )
-    sae = TopKSAE(cfg)
+    sae = SparseAutoencoder(cfg)
     with torch.no_grad():
         for p in sae.parameters():
             p.zero_()
     return sae.to(loaded.device)
 
 
-def sae_fingerprint(sae: TopKSAE) -> str:
+def sae_fingerprint(sae: SparseAutoencoder) -> str:
     """sha256 of the SAE's config and weights (part of every SAE defence's cache key)."""
     digest = hashlib.sha256(json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(sae.state_dict().items()):
@@ -394,7 +394,7 @@ def generate_replies(
 
 def gate_scores(
     loaded: LoadedModel,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     texts: Sequence[str],
     harm: Sequence[int],
     *,

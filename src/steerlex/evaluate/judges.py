@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from steerlex.evaluate.sets import EvalError
-from steerlex.models.cache import read_json_object, write_json_atomic
+from steerlex.core.errors import EvalError
+from steerlex.core.io import read_json_object, write_json_atomic
 
 __all__ = [
     "ACK_PHRASES",
@@ -452,7 +452,7 @@ class _CachedJudge:
         """One verdict per ``(behaviour, reply)``; failures become ``unjudged`` verdicts."""
         from tqdm.auto import tqdm
 
-        from steerlex.explain.summaries import BackendError
+        from steerlex.core.errors import BackendError
 
         out: list[Verdict] = []
         stopped: str | None = None

@@ -31,6 +31,8 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
+from steerlex.core.errors import EvalError
+from steerlex.core.io import write_bytes_atomic, write_json_atomic
 from steerlex.evaluate.cache import EvalCache, cache_key
 from steerlex.evaluate.config import (
     DefenceConfig,
@@ -56,8 +58,7 @@ from steerlex.evaluate.defences import (
 )
 from steerlex.evaluate.judges import GuardJudge, LLMJudge, RuleJudge, SafetyJudge
 from steerlex.evaluate.metrics import Rate, mean_or_none
-from steerlex.evaluate.sets import EvalError, EvalPrompt, EvalSets, build_sets
-from steerlex.models.cache import write_bytes_atomic, write_json_atomic
+from steerlex.evaluate.sets import EvalPrompt, EvalSets, build_sets
 
 __all__ = ["THROUGHPUT_ESTIMATE", "EvalResult", "plan_defences", "run_eval"]
 

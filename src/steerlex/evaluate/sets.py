@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from steerlex.core.errors import EvalError, SourceError
 from steerlex.data import TextItem, load_texts
 from steerlex.data.files import decode_utf8, parse_json, parse_jsonl, read_bytes
 from steerlex.data.split import select_split, unit_hash
-from steerlex.errors import SourceError, SteerlexError
 
 __all__ = [
     "KINDS",
@@ -64,10 +64,6 @@ brackets too), ``[insert your prompt here]``, ``[Insert prompt]``, ``[Your promp
 
 NAME_PLACEHOLDER = "{generator.name}"
 LANGUAGE_PLACEHOLDER = "[TARGETLANGUAGE]"
-
-
-class EvalError(SteerlexError):
-    """An evaluation that cannot run as configured (bad set, template, config or judge)."""
 
 
 @dataclass(frozen=True)

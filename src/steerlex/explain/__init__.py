@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from steerlex.core.errors import ExplainError
 from steerlex.explain.logitlens import FeatureTokens, decode_tokens, logit_lens, logit_lens_topk
 from steerlex.explain.mi import (
     AffinityStats,
-    ExplainError,
     affinity_stats,
     effective_words,
     feature_vectors,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from steerlex.explain.mi import ExplainError
+from steerlex.core.errors import ExplainError
 from steerlex.explain.vocabulary import ENGLISH_STOPWORDS, Vocabulary, base_form
 from steerlex.text_embed import TextEncoder
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from steerlex.explain.mi import ExplainError, Side, Transform, _slab_topk, feature_vectors
+from steerlex.core.errors import ExplainError
+from steerlex.explain.mi import Side, Transform, _slab_topk, feature_vectors
 
 __all__ = ["FeatureTokens", "decode_tokens", "logit_lens", "logit_lens_topk", "unembedding"]
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from steerlex.explain.mi import ExplainError
+from steerlex.core.errors import ExplainError
 from steerlex.models.chat import pad_id
 from steerlex.models.hooks import check_layer, edit_residual, forward_to_layer, residual_width
 
@@ -158,7 +158,7 @@ def _unpack(loaded: Any) -> tuple[nn.Module, Any]:
 def _check_sae(sae: Any, model: nn.Module) -> int:
     cfg = getattr(sae, "cfg", None)
     if cfg is None or not callable(getattr(sae, "encode", None)):
-        raise ExplainError("The SAE has no cfg / encode; is it a steerlex TopKSAE?")
+        raise ExplainError("The SAE has no cfg / encode; is it a steerlex SparseAutoencoder?")
     width = residual_width(model)
     if cfg.d_in != width:
         raise ExplainError(

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import ExplainError
 
 __all__ = [
     "AffinityStats",
@@ -62,10 +62,6 @@ _FINAL_NORM_PATHS: tuple[str, ...] = (
     "ln_f",  # GPT2Model
     "final_layer_norm",  # GPTNeoXModel
 )
-
-
-class ExplainError(SteerlexError):
-    """Bad input to an explainer (shapes, temperatures, K, non-finite values, models)."""
 
 
 # --- feature vectors -------------------------------------------------------------------
@@ -128,7 +124,7 @@ def feature_vectors(
     """One vector per SAE feature, ``[C, d]`` float32 on the SAE's device.
 
     Args:
-        sae: a :class:`~steerlex.sae.model.TopKSAE` (``W_dec [C, d]``, ``W_enc [d, C]``).
+        sae: a :class:`~steerlex.sae.base.SparseAutoencoder` (``W_dec [C, d]``, ``W_enc [d, C]``).
         model: the language model; needed for ``transform="final_norm"``.
         side: ``"decoder"``: rows of ``W_dec`` (what the feature writes; the paper's
             choice), in raw residual units (divided by ``cfg.norm_scale``);

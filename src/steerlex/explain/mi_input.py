@@ -30,8 +30,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from steerlex.explain.mi import SCORES, ExplainError, Score, _check_temperature, _slab_topk
-from steerlex.models.cache import write_bytes_atomic
+from steerlex.core.errors import ExplainError
+from steerlex.core.io import write_bytes_atomic
+from steerlex.explain.mi import SCORES, Score, _check_temperature, _slab_topk
 from steerlex.models.hooks import check_layer, forward_to_layer, residual_width
 
 __all__ = [
@@ -109,7 +110,9 @@ def _check_sae(sae: nn.Module, model: nn.Module) -> None:
     cfg = getattr(sae, "cfg", None)
     d_in = getattr(cfg, "d_in", None)
     if not isinstance(d_in, int) or not callable(getattr(sae, "pre_acts", None)):
-        raise ExplainError("The SAE has no cfg.d_in / pre_acts; is it a steerlex TopKSAE?")
+        raise ExplainError(
+            "The SAE has no cfg.d_in / pre_acts; is it a steerlex SparseAutoencoder?"
+        )
     width = residual_width(model)
     if d_in != width:
         spec = getattr(cfg, "model_spec", None)
@@ -281,7 +284,7 @@ def word_activations(
 
     Args:
         loaded: a :class:`~steerlex.models.loading.LoadedModel` or ``(model, tokenizer)``.
-        sae: a :class:`~steerlex.sae.model.TopKSAE` for this model (``d_in`` = width).
+        sae: a :class:`~steerlex.sae.base.SparseAutoencoder` for this model (``d_in`` = width).
         layer: 0-based decoder layer the SAE reads.
         words: the vocabulary (e.g. ``Vocabulary.words``).
         templates: raw-text templates, each with ``{w}`` exactly once.

@@ -19,15 +19,17 @@ from typing import Any, cast
 
 import steerlex
 from steerlex.activations.store import ActivationStore
+from steerlex.core.errors import ExplainError
+from steerlex.core.io import write_bytes_atomic, write_json_atomic
 from steerlex.explain.logitlens import logit_lens
-from steerlex.explain.mi import ExplainError, Score, Side, Transform, feature_vectors, mi_scores
+from steerlex.explain.mi import Score, Side, Transform, feature_vectors, mi_scores
 from steerlex.explain.mi_input import cached_word_activations, input_mi_scores
 from steerlex.explain.topact import top_activations, topact_words
 from steerlex.explain.vocabulary import Vocabulary, word_vectors
-from steerlex.models.cache import cache_root, write_bytes_atomic, write_json_atomic
+from steerlex.models.cache import cache_root
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.formats import check_sae_matches
-from steerlex.sae.model import TopKSAE
+from steerlex.sae.base import SparseAutoencoder
+from steerlex.sae.compat import check_sae_fits
 
 METHODS = ("mi", "paper", "mi-input", "logitlens", "topact")
 
@@ -44,7 +46,7 @@ class Explanation:
 
 
 def explain_sae(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     loaded: LoadedModel,
     method: str,
     *,
@@ -71,15 +73,7 @@ def explain_sae(
             f"Unknown explanation method '{method}'; available: {', '.join(METHODS)}."
         )
     model = loaded.model
-    layer = sae.cfg.layer if sae.cfg.layer is not None else -1
-    from steerlex.models.hooks import residual_width
-
-    check_sae_matches(sae, residual_width(model), loaded.spec, layer)
-    if sae.cfg.weights_id and loaded.weights_id and sae.cfg.weights_id != loaded.weights_id:
-        raise ExplainError(
-            f"The SAE was trained on {sae.cfg.model_spec} ({sae.cfg.weights_id}) but the model given is "
-            f"{loaded.spec} ({loaded.weights_id}); explain it with the model it was trained on."
-        )
+    check_sae_fits(sae, loaded=loaded)
     ids = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
     bad = [f for f in ids if not 0 <= f < sae.cfg.d_sae]
     if bad:

@@ -33,9 +33,10 @@ from typing import Any, Literal, Protocol
 
 from tqdm.auto import tqdm
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import BackendError, SteerlexError, SummaryError
+from steerlex.core.io import read_json_object, write_json_atomic
 from steerlex.explain.run import Explanation
-from steerlex.models.cache import cache_root, read_json_object, write_json_atomic
+from steerlex.models.cache import cache_root
 from steerlex.models.loading import LoadedModel
 
 CANNOT_TELL = "Cannot tell"
@@ -46,22 +47,6 @@ MAX_SUMMARY_CHARS = 300  # a first line longer than this is not "one short line"
 MAX_CONTEXT_CHARS = 300  # each TopAct context is cut to this many characters
 
 BackendKind = Literal["openai", "transformers"]
-
-
-class SummaryError(SteerlexError):
-    """A summary back end that is configured wrongly, or a bad argument to a summary call."""
-
-
-class BackendError(SummaryError):
-    """A back end call that failed.
-
-    ``fatal``: retrying cannot help (a 4xx answer such as a bad API key or model name),
-    so :func:`summarize` stops calling the back end for the rest of the run.
-    """
-
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
 
 
 class SummaryWarning(UserWarning):

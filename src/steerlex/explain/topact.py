@@ -38,7 +38,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlex.activations.store import ActivationStore
-from steerlex.explain.mi import ExplainError
+from steerlex.core.errors import ExplainError
+from steerlex.sae.compat import check_sae_fits
 
 GROUP_PREFIX = 32
 FOCUS_RADIUS = 3
@@ -221,13 +222,8 @@ def top_activations(
         raise ExplainError(f"candidates ({m}) must be at least per_feature ({per_feature}).")
     if max_tokens is not None and max_tokens < 1:
         raise ExplainError(f"max_tokens must be at least 1 or None, got {max_tokens}.")
-    d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
-    if d_in != store.d_model:
-        raise ExplainError(
-            f"The SAE reads activations of width {d_in} but the store in {store.directory} holds "
-            f"width {store.d_model} (model {store.index['model']['spec']}, layer {store.layer}); "
-            "use the SAE trained on this model and layer."
-        )
+    d_sae = int(sae.cfg.d_sae)
+    check_sae_fits(sae, store=store)
     if store.n_tokens == 0 or not store.shards:
         raise ExplainError(f"The activation store in {store.directory} holds no tokens.")
     if features is None:

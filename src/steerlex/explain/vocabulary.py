@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import torch
 
-from steerlex.errors import SteerlexError
-from steerlex.models.cache import read_json_object, write_json_atomic
+from steerlex.core.errors import VocabularyError
+from steerlex.core.io import read_json_object, write_json_atomic
 
 Dedupe = Literal["stem", "none"]
 Matrix = Literal["lm_head", "embed_tokens"]
@@ -43,10 +43,6 @@ FORMAT_VERSION = 1
 
 #: How many wordfreq candidates to read per requested word (filters and merges drop many).
 CANDIDATE_FACTOR = 10
-
-
-class VocabularyError(SteerlexError):
-    """A vocabulary that cannot be built, read or embedded as asked."""
 
 
 # ---------------------------------------------------------------- stop words
@@ -381,7 +377,7 @@ def vocabulary_from_wordfreq(
     try:
         import wordfreq
     except ImportError:
-        from steerlex.errors import MissingPackageError
+        from steerlex.core.errors import MissingPackageError
 
         raise MissingPackageError(
             "wordfreq", "pip install wordfreq", "A wordfreq vocabulary"

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteerlexError
 
 if TYPE_CHECKING:
     from torch import Tensor

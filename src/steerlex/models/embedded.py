@@ -22,8 +22,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from steerlex.errors import IntegrityError, MissingPackageError
-from steerlex.models.cache import cache_root, sha256_file
+from steerlex.core.errors import IntegrityError, MissingPackageError
+from steerlex.core.io import sha256_file
+from steerlex.models.cache import cache_root
 
 MARKER = "steerlex-model.json"
 

@@ -31,7 +31,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import LayerError
 
 __all__ = [
     "LayerError",
@@ -64,10 +64,6 @@ _KNOWN_PATHS: tuple[str, ...] = (
 
 _LAYER_COUNT_KEYS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
 _WIDTH_KEYS: tuple[str, ...] = ("hidden_size", "n_embd", "d_model")
-
-
-class LayerError(SteerlexError):
-    """A decoder layer that cannot be found, indexed or hooked as asked."""
 
 
 def _model_name(model: nn.Module) -> str:

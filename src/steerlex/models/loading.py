@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from steerlex.errors import ModelSpecError
+from steerlex.core.errors import ModelSpecError
 from steerlex.hub import hub_unreachable_reason, offline_vars
 from steerlex.models.cache import cached_sha256
 from steerlex.models.embedded import EMBEDDED, MARKER, prepare_embedded, prepare_gguf_file

@@ -43,7 +43,7 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from steerlex.configs import merge
+    from steerlex.core.config import merge
     from steerlex.pipeline.config import config_dict, config_from_dict, resolve_config
     from steerlex.pipeline.run import run_pipeline
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerlex.configs import build_strict, config_to_dict, merge, read_json_config
-from steerlex.errors import SteerlexError
+from steerlex.core.config import build_strict, config_to_dict, merge, read_json_config
+from steerlex.core.errors import PipelineError
 from steerlex.models.embedded import DEFAULT_MODEL, SMALL_MODEL
 
 __all__ = [
@@ -23,10 +23,6 @@ __all__ = [
 ]
 
 EXPLAIN_METHODS = ("mi", "paper", "mi-input", "logitlens", "topact")
-
-
-class PipelineError(SteerlexError):
-    """A bad run config, a run directory of another config, or a stage without its input."""
 
 
 @dataclass
@@ -197,8 +193,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             f"Config key(s) {['eval.' + k for k in owned]} are set by the run itself "
             "(from model, layer, device and the selected features); remove them."
         )
+    from steerlex.core.errors import EvalError
     from steerlex.evaluate.config import EvalConfig
-    from steerlex.evaluate.sets import EvalError
 
     try:
         build_strict(EvalConfig, eval_section(cfg, sae="sae", safety="s.json", harm="h.json"),

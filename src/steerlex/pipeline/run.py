@@ -19,14 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from steerlex.models.cache import read_json_object, write_json_atomic
-from steerlex.pipeline.config import (
-    PipelineError,
-    RunConfig,
-    config_dict,
-    config_fingerprint,
-    eval_section,
-)
+from steerlex.core.errors import PipelineError
+from steerlex.core.io import read_json_object, write_json_atomic
+from steerlex.pipeline.config import RunConfig, config_dict, config_fingerprint, eval_section
 
 __all__ = ["STAGES", "Stage", "run_pipeline", "stage_names"]
 

@@ -10,8 +10,8 @@
 See docs/report.md.
 """
 
+from steerlex.core.errors import ReportError
 from steerlex.report.browser import build_browser
-from steerlex.report.common import ReportError
 from steerlex.report.examples import conversation_examples, read_examples, write_examples
 from steerlex.report.features import (
     feature_stats,

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import steerlex
+from steerlex.core.io import write_bytes_atomic
 from steerlex.explain.run import METHODS, read_explanations
-from steerlex.models.cache import write_bytes_atomic
 from steerlex.report.common import (
     NOT_RUN,
     esc,

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from steerlex.errors import SteerlexError
-from steerlex.models.cache import read_json_object
+from steerlex.core.errors import ReportError
+from steerlex.core.io import read_json_object
 
 __all__ = [
     "NOT_RUN",
@@ -28,10 +28,6 @@ __all__ = [
 NOT_RUN = "not run"
 
 FIX = "rerun the stage that writes it (or delete it to show the section as not run)."
-
-
-class ReportError(SteerlexError):
-    """A run-directory file that exists but cannot be read as the report expects."""
 
 
 def esc(value: object) -> str:

@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from steerlex.models.cache import read_json_object, write_json_atomic
+from steerlex.core.errors import ReportError
+from steerlex.core.io import read_json_object, write_json_atomic
 from steerlex.models.chat import encode_prompt, has_chat_template
-from steerlex.models.hooks import check_layer, forward_to_layer, residual_width
+from steerlex.models.hooks import forward_to_layer
 from steerlex.models.loading import LoadedModel
-from steerlex.report.common import FIX, ReportError, read_json_optional, read_jsonl_optional
+from steerlex.report.common import FIX, read_json_optional, read_jsonl_optional
 from steerlex.report.features import token_decoder
-from steerlex.sae.formats import check_sae_matches
+from steerlex.sae.compat import check_sae_fits
 
 __all__ = [
     "EXAMPLES_FILE",
@@ -185,8 +186,7 @@ def conversation_examples(
         missing = gen_path if rows is None else s_path
         raise ReportError(f"{missing} does not exist; run `steerlex eval` first.")
     ids = _check_features(features, sae)
-    check_layer(loaded.model, layer)
-    check_sae_matches(sae, residual_width(loaded.model), loaded.name, layer)
+    check_sae_fits(sae, loaded=loaded, layer=layer)
     strength = headline_strength(scores, defence, s_path)
     for i, r in enumerate(rows, start=1):
         if not all(k in r for k in ("defence", "prompt_id", "prompt", "reply")):

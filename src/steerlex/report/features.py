@@ -35,8 +35,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlex.activations.store import ActivationStore
-from steerlex.models.cache import read_json_object, write_json_atomic
-from steerlex.report.common import FIX, ReportError
+from steerlex.core.errors import ReportError
+from steerlex.core.io import read_json_object, write_json_atomic
+from steerlex.report.common import FIX
+from steerlex.sae.compat import check_sae_fits
 
 __all__ = [
     "STATS_FILE",
@@ -381,12 +383,8 @@ def feature_stats(
         ReportError: bad settings, an SAE of another width, or an empty store.
     """
     _check_args(top_k, window, bins, max_tokens, batch_size)
-    d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
-    if d_in != store.d_model:
-        raise ReportError(
-            f"The SAE reads activations of width {d_in} but the store in {store.directory} "
-            f"holds width {store.d_model}; use the SAE trained on this store's model and layer."
-        )
+    d_sae = int(sae.cfg.d_sae)
+    check_sae_fits(sae, store=store)
     limit = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
     if limit == 0:
         raise ReportError(f"The activation store in {store.directory} holds no tokens.")

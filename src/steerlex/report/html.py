@@ -25,18 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import steerlex
+from steerlex.core.errors import ReportError
+from steerlex.core.io import write_bytes_atomic
 from steerlex.explain.run import METHODS, read_explanations
-from steerlex.models.cache import write_bytes_atomic
 from steerlex.plots import PALETTE
 from steerlex.report.browser import BROWSER_FILE
-from steerlex.report.common import (
-    FIX,
-    NOT_RUN,
-    ReportError,
-    esc,
-    page,
-    read_json_optional,
-)
+from steerlex.report.common import FIX, NOT_RUN, esc, page, read_json_optional
 from steerlex.report.examples import EXAMPLES_FILE, read_examples
 from steerlex.steer.select import FeatureSelection
 

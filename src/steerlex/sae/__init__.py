@@ -1,13 +1,15 @@
 """Sparse autoencoders: the TopK SAE, training, evaluation and file formats."""
 
-from steerlex.sae.formats import check_sae_matches, convert_sae, load_sae, save_sae
-from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
+from steerlex.core.errors import SAEError
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
+from steerlex.sae.compat import check_sae_fits
+from steerlex.sae.formats import convert_sae, load_sae, save_sae
 
 __all__ = [
     "SAEConfig",
     "SAEError",
-    "TopKSAE",
-    "check_sae_matches",
+    "SparseAutoencoder",
+    "check_sae_fits",
     "convert_sae",
     "load_sae",
     "save_sae",

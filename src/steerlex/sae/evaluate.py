@@ -41,11 +41,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlex.activations.store import ActivationStore
-from steerlex.models.cache import atomic_path, write_bytes_atomic, write_json_atomic
+from steerlex.core.errors import SAEError
+from steerlex.core.io import atomic_path, write_bytes_atomic, write_json_atomic
 from steerlex.models.chat import KEEP_CHOICES, Keep, encode_prompt, has_chat_template
-from steerlex.models.hooks import check_layer, edit_residual, residual_width
+from steerlex.models.hooks import check_layer, edit_residual
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.model import SAEError, TopKSAE
+from steerlex.sae.base import SparseAutoencoder
+from steerlex.sae.compat import check_sae_fits, sae_origin
 
 __all__ = [
     "EVAL_FILE",
@@ -183,7 +185,7 @@ def firing_histogram(
 
 @torch.no_grad()
 def activation_metrics(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     source: ActivationSource,
     *,
     max_tokens: int | None = None,
@@ -222,7 +224,7 @@ def activation_metrics(
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     total: int | None = None
     if isinstance(source, ActivationStore):
-        _check_store(sae, source)
+        check_sae_fits(sae, store=source)
         total = source.n_tokens if max_tokens is None else min(max_tokens, source.n_tokens)
     elif isinstance(source, Tensor):
         total = source.shape[0] if max_tokens is None else min(max_tokens, source.shape[0])
@@ -250,7 +252,7 @@ def activation_metrics(
         for batch in _iter_source(source, batch_size, max_tokens):
             if batch.x.shape[-1] != d_in:
                 raise SAEError(
-                    f"The SAE takes width d_in={d_in}{_sae_origin(sae)}, but the activations "
+                    f"The SAE takes width d_in={d_in}{sae_origin(sae)}, but the activations "
                     f"({batch.where}) have width {batch.x.shape[-1]}; pass activations of the "
                     "model and layer the SAE was trained on."
                 )
@@ -371,44 +373,6 @@ def _prepare(
     return out
 
 
-def _sae_origin(sae: TopKSAE) -> str:
-    cfg = sae.cfg
-    if cfg.model_spec is None and cfg.layer is None:
-        return ""
-    return f" (trained on {cfg.model_spec or 'an unnamed model'} layer {cfg.layer})"
-
-
-def _check_sae_for_model(sae: TopKSAE, loaded: LoadedModel, layer: int) -> None:
-    width = residual_width(loaded.model)
-    if sae.cfg.d_in != width:
-        raise SAEError(
-            f"The SAE takes width d_in={sae.cfg.d_in}{_sae_origin(sae)}, but {loaded.spec} layer "
-            f"{layer} has residual width {width}; pass the SAE trained for this model and layer."
-        )
-    if sae.cfg.layer is not None and sae.cfg.layer != layer:
-        raise SAEError(
-            f"The SAE was trained on layer {sae.cfg.layer}{_sae_origin(sae)}, but layer {layer} "
-            f"of {loaded.spec} was asked for; evaluate it at layer {sae.cfg.layer} or pass the "
-            f"SAE for layer {layer}."
-        )
-
-
-def _check_store(sae: TopKSAE, store: ActivationStore) -> None:
-    model = store.index.get("model", {})
-    if sae.cfg.d_in != store.d_model:
-        raise SAEError(
-            f"The SAE takes width d_in={sae.cfg.d_in}{_sae_origin(sae)}, but the store "
-            f"{store.directory} holds width-{store.d_model} activations of {model.get('spec')} "
-            f"layer {store.layer}; pass the SAE trained for that model and layer."
-        )
-    if sae.cfg.layer is not None and sae.cfg.layer != store.layer:
-        raise SAEError(
-            f"The SAE was trained on layer {sae.cfg.layer}{_sae_origin(sae)}, but the store "
-            f"{store.directory} holds layer {store.layer} of {model.get('spec')}; evaluate it on "
-            "activations of its own layer."
-        )
-
-
 def _ce_sum(logits: Tensor, ids: Tensor, scored: Tensor) -> tuple[float, int]:
     """Summed next-token CE (nats) over ``scored [B, T]`` positions, and their count."""
     rows, cols = scored.nonzero(as_tuple=True)
@@ -422,7 +386,7 @@ def _ce_sum(logits: Tensor, ids: Tensor, scored: Tensor) -> tuple[float, int]:
 @torch.inference_mode()
 def spliced_lm_loss(
     loaded: LoadedModel,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     texts: Sequence[Any],
     layer: int,
     *,
@@ -475,7 +439,7 @@ def spliced_lm_loss(
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     layer = check_layer(model, layer)
-    _check_sae_for_model(sae, loaded, layer)
+    check_sae_fits(sae, loaded=loaded, layer=layer, other_layer="error", check_weights=False)
     if keep not in KEEP_CHOICES:
         raise SAEError(f"Unknown keep rule '{keep}'; use one of {', '.join(KEEP_CHOICES)}.")
     if batch_size < 1:
@@ -629,7 +593,7 @@ def _plot(hist: dict[str, Any], path: Path, title: str) -> None:
 
 
 def evaluate_sae(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     store: ActivationStore | str | Path,
     out_dir: str | Path,
     *,
@@ -667,7 +631,7 @@ def evaluate_sae(
     """
     st = store if isinstance(store, ActivationStore) else ActivationStore.open(store)
     out = Path(out_dir)
-    _check_store(sae, st)
+    check_sae_fits(sae, store=st)
     metrics = activation_metrics(
         sae,
         st,

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steerlex.core.errors import SAEError
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import (
     PROVENANCE_FIELDS,
     SAELENS_CFG,
@@ -47,7 +49,6 @@ from steerlex.sae.formats import (
     save_safetensors,
     write_sae_dir,
 )
-from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
 
 __all__ = ["load_pth", "load_sparsify", "save_sparsify", "sparsify_cfg"]
 
@@ -73,7 +74,7 @@ def load_sparsify(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     k: int | None = None,
-) -> TopKSAE:
+) -> SparseAutoencoder:
     """Load an eai-sparsify SAE directory (``cfg.json`` + ``sae.safetensors``) as a TopK SAE.
 
     ``W_enc = encoder.weight.T [d_in, d_sae]``, ``b_enc = encoder.bias``, ``W_dec``/``b_dec``
@@ -167,7 +168,7 @@ def load_sparsify(
     )
 
 
-def _sparsify_parts(sae: TopKSAE) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(cfg.json dict, tensors) of ``sae`` in sparsify's layout."""
     import steerlex
 
@@ -214,12 +215,14 @@ def _sparsify_parts(sae: TopKSAE) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return cfg, tensors
 
 
-def sparsify_cfg(sae: TopKSAE) -> dict[str, Any]:
+def sparsify_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
     """The sparsify ``cfg.json`` dict that :func:`save_sparsify` writes for ``sae``."""
     return _sparsify_parts(sae)[0]
 
 
-def save_sparsify(sae: TopKSAE, directory: str | Path, *, overwrite: bool = False) -> Path:
+def save_sparsify(
+    sae: SparseAutoencoder, directory: str | Path, *, overwrite: bool = False
+) -> Path:
     """Save a TopK SAE as an eai-sparsify directory (``cfg.json`` + ``sae.safetensors``).
 
     Writes the folded SAE; an SAE without ``apply_b_dec_to_input`` gets ``b_dec @ W_enc``
@@ -280,7 +283,7 @@ def load_pth(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     k: int | None = None,
-) -> TopKSAE:
+) -> SparseAutoencoder:
     """Load the paper authors' tied TopK SAE from a ``.pth`` state dict.
 
     Needs ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``b_dec [d_in]`` (a ``module.`` prefix

@@ -14,7 +14,7 @@ steerlex's own record (the full :class:`SAEConfig`, the steerlex version and a f
 version) sits in ``metadata.steerlex``: SAELens keeps unknown metadata keys when it loads
 *and* re-saves an SAE, whereas it drops unknown top-level keys on re-save.
 
-Saving always writes :meth:`TopKSAE.folded` (``norm_scale`` 1, explicit decoder), so every
+Saving always writes :meth:`SparseAutoencoder.folded` (``norm_scale`` 1, explicit decoder), so every
 tool sees weights that act on raw activations. Loading accepts SAELens directories (v6 and
 the older pre-6 layout), EleutherAI ``sparsify`` directories and the paper authors' tied
 TopK ``.pth`` state dicts (see :mod:`steerlex.sae.foreign`); :func:`load_sae` detects which.
@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,16 +38,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from steerlex.models.cache import read_json_object as read_json
-from steerlex.models.cache import sha256_file
-from steerlex.sae.model import Architecture, SAEConfig, SAEError, TopKSAE
+from steerlex.core.errors import SAEError
+from steerlex.core.io import read_json_object as read_json
+from steerlex.core.io import sha256_file
+from steerlex.sae.base import Architecture, SAEConfig, SparseAutoencoder
 
 __all__ = [
     "FORMATS",
     "SAELENS_CFG",
     "SAELENS_WEIGHTS",
     "SaeFormat",
-    "check_sae_matches",
     "convert_sae",
     "detect_format",
     "hook_name_for_layer",
@@ -205,8 +204,8 @@ def build_sae(
     threshold: Tensor | None = None,
     device: torch.device | str | None = None,
     source: str,
-) -> TopKSAE:
-    """A :class:`TopKSAE` holding the given weights (shapes already checked).
+) -> SparseAutoencoder:
+    """A :class:`SparseAutoencoder` holding the given weights (shapes already checked).
 
     ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``b_dec [d_in]``, ``W_dec [d_sae, d_in]``
     (``None`` only when ``cfg.tied``), ``threshold [d_sae]`` (JumpReLU). The module is first
@@ -233,7 +232,7 @@ def build_sae(
             raise SAEError(f"{source}: a JumpReLU SAE needs a threshold tensor.")
         state["threshold"] = prep(threshold)
     with torch.device("meta"):
-        sae = TopKSAE(cfg)
+        sae = SparseAutoencoder(cfg)
     sae.load_state_dict(state, assign=True)
     return sae
 
@@ -330,7 +329,7 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: Path) -> None:
 # --- SAELens: write ---------------------------------------------------------------------
 
 
-def saelens_cfg(sae: TopKSAE) -> dict[str, Any]:
+def saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
     """The ``cfg.json`` dict for a *folded* SAE (``norm_scale`` 1, untied): SAELens v6 keys
     plus ``metadata.steerlex`` with the full :class:`SAEConfig`."""
     import steerlex
@@ -370,7 +369,7 @@ def saelens_cfg(sae: TopKSAE) -> dict[str, Any]:
     return out
 
 
-def save_sae(sae: TopKSAE, directory: str | Path, *, overwrite: bool = False) -> Path:
+def save_sae(sae: SparseAutoencoder, directory: str | Path, *, overwrite: bool = False) -> Path:
     """Save ``sae`` as a SAELens v6 directory (``cfg.json`` + ``sae_weights.safetensors``).
 
     Writes ``sae.folded()`` so the files act on raw activations. The write is atomic (temp
@@ -450,7 +449,7 @@ def load_saelens(
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     k: int | None = None,
-) -> TopKSAE:
+) -> SparseAutoencoder:
     """Load a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``).
 
     Architectures: ``topk``, ``standard`` (ReLU), ``jumprelu``. TopK SAEs saved with
@@ -640,7 +639,7 @@ def load_sae(
     dtype: torch.dtype | str | None = None,
     k: int | None = None,
     format: SaeFormat | None = None,
-) -> TopKSAE:
+) -> SparseAutoencoder:
     """Load an SAE from any supported format (auto-detected unless ``format`` is given).
 
     ``path``: a SAELens directory, an eai-sparsify directory, or a tied TopK ``.pth``.
@@ -686,23 +685,3 @@ def convert_sae(
     from steerlex.sae import foreign
 
     return foreign.save_sparsify(sae, dst, overwrite=overwrite)
-
-
-def check_sae_matches(sae: TopKSAE, d_model: int, model_name: str, layer: int) -> None:
-    """Raise :class:`SAEError` unless ``sae`` reads activations of width ``d_model``.
-
-    The message names both widths, the layer and the model. A known, different training
-    layer only warns (using an SAE on another layer is legitimate but usually a mistake).
-    """
-    if sae.d_in != d_model:
-        trained = f" (trained on {sae.cfg.model_spec})" if sae.cfg.model_spec else ""
-        raise SAEError(
-            f"SAE d_in={sae.d_in}{trained} does not match layer {layer} width {d_model} of "
-            f"{model_name}; pass the SAE trained for this model."
-        )
-    if sae.cfg.layer is not None and sae.cfg.layer != layer:
-        warnings.warn(
-            f"The SAE was trained on layer {sae.cfg.layer} but is used on layer {layer} of "
-            f"{model_name}; its features may not mean the same there.",
-            stacklevel=2,
-        )

@@ -35,16 +35,13 @@ from tqdm.auto import tqdm
 
 import steerlex
 from steerlex.activations.store import ActivationStore
-from steerlex.configs import from_dict_strict
-from steerlex.models.cache import atomic_path, write_json_atomic
-from steerlex.sae.model import SAEConfig, SAEError, TopKSAE
+from steerlex.core.config import from_dict_strict
+from steerlex.core.errors import SAEError, TrainingDiverged
+from steerlex.core.io import atomic_path, write_json_atomic
+from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
 CHECKPOINTS = "checkpoints"
 LOG = "train_log.jsonl"
-
-
-class TrainingDiverged(SAEError):
-    """Training met NaN/Inf data or a non-finite loss and stopped."""
 
 
 @dataclass
@@ -240,7 +237,7 @@ def train_sae(
     *,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-) -> TopKSAE:
+) -> SparseAutoencoder:
     """Train (or resume training) an SAE on ``store``; save it in ``out_dir``.
 
     ``on_step(step)`` runs after each completed step and checkpoint (tests use it to
@@ -286,7 +283,7 @@ def train_sae(
         hf_hook_name=store.index["model"]["hook_name"],
         keep=store.index.get("identity", {}).get("keep"),
     )
-    sae = TopKSAE(sae_cfg, device=device)
+    sae = SparseAutoencoder(sae_cfg, device=device)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
         sae.b_dec.copy_(stats.b_dec.to(device))
@@ -397,7 +394,7 @@ def train_sae(
 
 
 def _train_step(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     opt: torch.optim.Optimizer,
     x: torch.Tensor,
     k: int,
@@ -494,7 +491,7 @@ def _gather_positions(
 def _save_checkpoint(
     ckpt_dir: Path,
     step: int,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     opt: torch.optim.Optimizer,
     sched: Any,
     since_fired: torch.Tensor,

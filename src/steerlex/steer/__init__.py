@@ -3,6 +3,7 @@
 Feature selection lives in :mod:`steerlex.steer.select`.
 """
 
+from steerlex.core.errors import SteeringError
 from steerlex.steer.runtime import (
     ActivityStats,
     FeatureActivity,
@@ -20,7 +21,6 @@ from steerlex.steer.strategies import (
     Calibration,
     Clamp,
     Condition,
-    SteeringError,
     SteeringStrategy,
     feature_pre_acts,
     make_strategy,

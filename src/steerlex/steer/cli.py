@@ -1,7 +1,7 @@
 """``steerlex generate``, ``steerlex chat`` and ``steerlex serve``: steered replies from the command line.
 
 :func:`add_steer_parsers` adds the subcommands to steerlex's argparse subparsers; the main CLI
-turns a :class:`~steerlex.errors.SteerlexError` into one message and exit status 2.
+turns a :class:`~steerlex.core.errors.SteerlexError` into one message and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from steerlex.core.errors import SteeringError
 from steerlex.steer.server import API_KEY_ENV
-from steerlex.steer.strategies import (
-    DEFAULT_GATE_THRESHOLD,
-    GATE_MODES,
-    STRATEGY_NAMES,
-    Condition,
-    SteeringError,
-)
+from steerlex.steer.strategies import DEFAULT_GATE_THRESHOLD, GATE_MODES, STRATEGY_NAMES, Condition
 
 __all__ = ["FeatureList", "add_steer_parsers", "parse_feature_list"]
 

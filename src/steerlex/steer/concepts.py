@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import ConceptError
 
 Side = Literal["output", "input"]
 SIDES: tuple[Side, ...] = ("output", "input")
@@ -37,10 +37,6 @@ DEFENCE_CATEGORIES: tuple[str, ...] = (
     "ethical and safe behaviour",
     "victim support",
 )
-
-
-class ConceptError(SteerlexError):
-    """A concept that is unknown or defined wrongly."""
 
 
 @dataclass(frozen=True)

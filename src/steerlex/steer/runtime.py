@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from steerlex.core.errors import SteeringError
 from steerlex.models.chat import EncodedPrompt, encode_prompt, has_chat_template
-from steerlex.models.hooks import check_layer, decoder_layers, edit_residual, residual_width
+from steerlex.models.hooks import check_layer, decoder_layers, edit_residual
 from steerlex.models.loading import LoadedModel
-from steerlex.sae.formats import check_sae_matches
-from steerlex.sae.model import TopKSAE
-from steerlex.steer.strategies import SteeringError, SteeringStrategy, feature_pre_acts
+from steerlex.sae.base import SparseAutoencoder
+from steerlex.sae.compat import check_sae_fits
+from steerlex.steer.strategies import SteeringStrategy, feature_pre_acts
 
 __all__ = [
     "ROLES",
@@ -247,7 +248,7 @@ class _SteeringCall:
     def __init__(
         self,
         strategy: SteeringStrategy,
-        sae: TopKSAE,
+        sae: SparseAutoencoder,
         prompt_mask: Tensor,
         enabled: bool,
     ) -> None:
@@ -426,7 +427,7 @@ class SteeredModel:
     def __init__(
         self,
         loaded: LoadedModel,
-        sae: TopKSAE,
+        sae: SparseAutoencoder,
         strategy: SteeringStrategy,
         *,
         layer: int | None = None,
@@ -442,19 +443,7 @@ class SteeredModel:
                 "(the CLI: --layer)."
             )
         self.layer = check_layer(model, layer)
-        check_sae_matches(sae, residual_width(model), loaded.name, self.layer)
-        if (
-            check_weights
-            and sae.cfg.weights_id
-            and loaded.weights_id
-            and sae.cfg.weights_id != loaded.weights_id
-        ):
-            raise SteeringError(
-                f"the SAE was trained on model weights {sae.cfg.weights_id} "
-                f"({sae.cfg.model_spec or 'unknown spec'}) but {loaded.name} has "
-                f"{loaded.weights_id}; load the model the SAE was trained on, or pass "
-                "check_weights=False (CLI: --ignore-weights-id) if they are the same weights."
-            )
+        check_sae_fits(sae, loaded=loaded, layer=self.layer, check_weights=check_weights)
         block = decoder_layers(model)[1][self.layer]
         device = next(block.parameters(), None)
         if device is not None and sae.W_enc.device != device.device:

@@ -47,21 +47,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import steerlex
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SelectionError
+from steerlex.core.io import read_json_object, write_bytes_atomic, write_json_atomic
 from steerlex.explain.run import Explanation
-from steerlex.models.cache import (
-    cache_root,
-    read_json_object,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from steerlex.models.cache import cache_root
+from steerlex.sae.compat import check_sae_fits
 from steerlex.steer.concepts import Concept, Side, get_concept
 
 if TYPE_CHECKING:
     from steerlex.data.split import Split
     from steerlex.explain.summaries import SummaryBackend
     from steerlex.models.loading import LoadedModel
-    from steerlex.sae.model import TopKSAE
+    from steerlex.sae.base import SparseAutoencoder
     from steerlex.text_embed import TextEncoder
 
 Method = Literal["semantic", "llm", "data", "manual"]
@@ -95,10 +92,6 @@ GENERIC_MIN_COUNT = 20
 #: How many features the data-driven method keeps when neither threshold nor top_n is given.
 DEFAULT_DATA_TOP_N = 20
 FORMAT_VERSION = 1
-
-
-class SelectionError(SteerlexError):
-    """Features that cannot be selected as asked (bad input, or nothing matches)."""
 
 
 # --------------------------------------------------------------------------- the result
@@ -177,7 +170,8 @@ class FeatureSelection:
     @classmethod
     def load(cls, path: str | Path) -> FeatureSelection:
         """Read a file written by :meth:`save`."""
-        from steerlex.steer.concepts import ConceptError, concept_from_dict
+        from steerlex.core.errors import ConceptError
+        from steerlex.steer.concepts import concept_from_dict
 
         p = Path(path)
         fix = "write it again with `steerlex select`."
@@ -217,7 +211,7 @@ class FeatureSelection:
             ) from None
 
 
-def sae_record(sae: TopKSAE, path: str | Path | None = None) -> dict[str, Any]:
+def sae_record(sae: SparseAutoencoder, path: str | Path | None = None) -> dict[str, Any]:
     """What a selection records about its SAE."""
     return {
         "path": None if path is None else str(path),
@@ -271,7 +265,9 @@ def check_explanations(
     return methods[0]
 
 
-def check_explanation_settings(settings: Mapping[str, Any], sae: TopKSAE, *, source: str) -> None:
+def check_explanation_settings(
+    settings: Mapping[str, Any], sae: SparseAutoencoder, *, source: str
+) -> None:
     """Raise when an explanation settings file (``<method>.json``) names another model or a
     different number of features than ``sae``."""
     n = settings.get("n_features")
@@ -669,24 +665,10 @@ def selection_prompts(
     return out
 
 
-def check_sae_model(sae: TopKSAE, loaded: LoadedModel, layer: int) -> None:
-    """Raise unless ``sae`` reads ``layer`` of ``loaded`` (width and recorded weights)."""
-    from steerlex.models.hooks import check_layer, residual_width
-    from steerlex.sae.formats import check_sae_matches
-
-    check_layer(loaded.model, layer)
-    check_sae_matches(sae, residual_width(loaded.model), loaded.spec, layer)
-    if sae.cfg.weights_id and loaded.weights_id and sae.cfg.weights_id != loaded.weights_id:
-        raise SelectionError(
-            f"The SAE was trained on {sae.cfg.model_spec} ({sae.cfg.weights_id}) but the model "
-            f"given is {loaded.spec} ({loaded.weights_id}); use the model it was trained on."
-        )
-
-
 @torch.no_grad()
 def mean_activations(
     loaded: LoadedModel,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     texts: Sequence[str],
     *,
     layer: int,
@@ -815,7 +797,7 @@ def select_features(
     backend: SummaryBackend | None = None,
     cache_dir: str | Path | None = None,
     ids: Sequence[int] | str | None = None,
-    sae: TopKSAE | None = None,
+    sae: SparseAutoencoder | None = None,
     loaded: LoadedModel | None = None,
     harmful: Sequence[str] | None = None,
     benign: Sequence[str] | None = None,
@@ -960,7 +942,7 @@ def select_features(
             raise SelectionError(
                 "The SAE does not record its layer; pass the layer it was trained on (--layer)."
             )
-        check_sae_model(sae, loaded, use_layer)
+        check_sae_fits(sae, loaded=loaded, layer=use_layer)
         kw: dict[str, Any] = dict(
             layer=use_layer, batch_size=batch_size, max_length=max_length, progress=progress
         )
@@ -1040,7 +1022,6 @@ __all__ = [
     "SelectionError",
     "check_explanation_settings",
     "check_explanations",
-    "check_sae_model",
     "data_scores",
     "explanation_side",
     "generic_words",

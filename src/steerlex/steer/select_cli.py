@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteerlexError
 
 
 def add_select_parser(sub: Any) -> argparse.ArgumentParser:

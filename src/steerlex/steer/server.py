@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteeringError, SteerlexError
 from steerlex.steer.runtime import SteeredModel, SteeredResponse, encode_chat
-from steerlex.steer.strategies import SteeringError, SteeringStrategy
+from steerlex.steer.strategies import SteeringStrategy
 
 __all__ = ["API_KEY_ENV", "ServerLimits", "SteeringServer", "make_server"]
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from steerlex.errors import SteerlexError
-from steerlex.sae.model import TopKSAE
+from steerlex.core.errors import SteeringError
+from steerlex.sae.base import SparseAutoencoder
 
 __all__ = [
     "DEFAULT_GATE_THRESHOLD",
@@ -66,10 +66,6 @@ DEFAULT_GATE_THRESHOLD = 0.1
 
 GateMode = Literal["prompt", "token"]
 GATE_MODES: tuple[GateMode, ...] = ("prompt", "token")
-
-
-class SteeringError(SteerlexError):
-    """A steering strategy, feature set or steered generation that cannot be used as asked."""
 
 
 # --- validation helpers ------------------------------------------------------------------------
@@ -124,7 +120,7 @@ def _finite(value: Any, name: str, *, positive: bool = False, nonnegative: bool 
     return v
 
 
-def _check_in_range(features: Sequence[int], sae: TopKSAE, what: str) -> None:
+def _check_in_range(features: Sequence[int], sae: SparseAutoencoder, what: str) -> None:
     bad = [f for f in features if f >= sae.d_sae]
     if bad:
         raise SteeringError(
@@ -133,7 +129,7 @@ def _check_in_range(features: Sequence[int], sae: TopKSAE, what: str) -> None:
         )
 
 
-def _check_call(h: Tensor, sae: TopKSAE, mask: Tensor) -> None:
+def _check_call(h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> None:
     if h.dim() != 3 or h.shape[-1] != sae.d_in:
         raise SteeringError(
             f"a strategy takes h of shape [batch, seq, {sae.d_in}] (the SAE's d_in), got "
@@ -149,7 +145,7 @@ def _check_call(h: Tensor, sae: TopKSAE, mask: Tensor) -> None:
 # --- SAE views --------------------------------------------------------------------------------
 
 
-def feature_pre_acts(sae: TopKSAE, h: Tensor, features: Sequence[int]) -> Tensor:
+def feature_pre_acts(sae: SparseAutoencoder, h: Tensor, features: Sequence[int]) -> Tensor:
     """Encoder pre-activations ``[..., len(features)]`` of raw ``h [..., d_in]`` for ``features``.
 
     The same numbers as ``sae.pre_acts(h)[..., features]`` (``(s*h - b_dec) W_enc[:, S] +
@@ -164,13 +160,13 @@ def feature_pre_acts(sae: TopKSAE, h: Tensor, features: Sequence[int]) -> Tensor
     return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], len(features))
 
 
-def _decoder_rows(sae: TopKSAE, features: Sequence[int]) -> Tensor:
+def _decoder_rows(sae: SparseAutoencoder, features: Sequence[int]) -> Tensor:
     """Raw-space decoder rows ``W_dec[S] / norm_scale``: ``[len(S), d_in]``."""
     idx = torch.as_tensor(list(features), device=sae.W_enc.device, dtype=torch.long)
     return sae.W_dec.index_select(0, idx) / sae.cfg.norm_scale
 
 
-def _unit_rows(sae: TopKSAE, features: Sequence[int]) -> Tensor:
+def _unit_rows(sae: SparseAutoencoder, features: Sequence[int]) -> Tensor:
     """Unit-norm decoder directions of ``features`` in raw space: ``[len(S), d_in]``."""
     rows = _decoder_rows(sae, features)
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -220,24 +216,24 @@ class Condition:
                 f"gate mode must be one of {', '.join(GATE_MODES)}, got {self.mode!r}."
             )
 
-    def check(self, sae: TopKSAE) -> None:
+    def check(self, sae: SparseAutoencoder) -> None:
         _check_in_range(self.features, sae, "harm features")
 
-    def scores(self, h: Tensor, sae: TopKSAE) -> Tensor:
+    def scores(self, h: Tensor, sae: SparseAutoencoder) -> Tensor:
         """Harm score ``[B, T]`` of every position (SAE dtype)."""
         return F.relu(feature_pre_acts(sae, h, self.features)).mean(dim=-1)
 
-    def prompt_score(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> Tensor:
+    def prompt_score(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor:
         """Mean harm score ``[B]`` over each row's ``mask`` positions (0 for a row with none)."""
         s = self.scores(h, sae)
         m = mask.to(s.dtype)
         return (s * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
-    def prompt_gate(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> Tensor:
+    def prompt_gate(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor:
         """``[B]`` bool: the prompt-mode decision for each row (closed if it has no position)."""
         return (self.prompt_score(h, sae, mask) >= self.threshold) & mask.any(dim=1)
 
-    def token_gate(self, h: Tensor, sae: TopKSAE) -> Tensor:
+    def token_gate(self, h: Tensor, sae: SparseAutoencoder) -> Tensor:
         """``[B, T]`` bool: the token-mode decision at each position."""
         return self.scores(h, sae) >= self.threshold
 
@@ -258,7 +254,7 @@ class SteeringStrategy:
         object.__setattr__(self, "features", _feature_ids(self.features, "features"))
 
     # Subclasses override these two.
-    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``(edited h in the SAE's dtype, positions actually edited [B, T])``."""
         raise NotImplementedError
 
@@ -283,14 +279,14 @@ class SteeringStrategy:
             out += f", gate {cond.mode} >= {cond.threshold:g} on {len(cond.features)} harm features"
         return out
 
-    def check(self, sae: TopKSAE) -> None:
+    def check(self, sae: SparseAutoencoder) -> None:
         """Raise :class:`SteeringError` unless every feature id exists in ``sae``."""
         _check_in_range(self.features, sae, "features")
         if self.condition is not None:
             self.condition.check(sae)
 
     def __call__(
-        self, h: Tensor, sae: TopKSAE, mask: Tensor, *, gate: Tensor | None = None
+        self, h: Tensor, sae: SparseAutoencoder, mask: Tensor, *, gate: Tensor | None = None
     ) -> Tensor:
         """The edited ``h`` (same shape/dtype/device); masked positions bit-identical.
 
@@ -352,7 +348,7 @@ class Amplification(SteeringStrategy):
     def with_strength(self, value: float) -> Amplification:
         return replace(self, alpha=value)
 
-    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
         if self.alpha == 0.0:  # exactly the identity, also with keep_norm
             return h, torch.zeros_like(mask)
         dirs = _unit_rows(sae, self.features)
@@ -393,7 +389,7 @@ class Calibration(SteeringStrategy):
     def with_strength(self, value: float) -> Calibration:
         return replace(self, target=value)
 
-    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
         a = feature_pre_acts(sae, h, self.features)  # [B, T, S]
         v = F.relu(self.target - F.relu(a))
         total = v.sum(dim=-1, keepdim=True)
@@ -432,7 +428,7 @@ class Clamp(SteeringStrategy):
     def with_strength(self, value: float) -> Clamp:
         return replace(self, value=value)
 
-    def _edit(self, h: Tensor, sae: TopKSAE, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(list(self.features), device=sae.W_enc.device, dtype=torch.long)
         a = sae.encode(h.to(sae.W_enc.device)).index_select(-1, idx)  # [B, T, S]
         rows = _decoder_rows(sae, self.features)

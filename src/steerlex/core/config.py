@@ -11,7 +11,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from steerlex.errors import SteerlexError
+from steerlex.core.errors import SteerlexError
 
 T = TypeVar("T")
 
@@ -150,7 +150,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def read_json_config(path: str | Path, what: str, error: type[SteerlexError]) -> dict[str, Any]:
     """The JSON object in the config file ``path`` (not yet checked against a dataclass)."""
-    from steerlex.models.cache import read_json_object
+    from steerlex.core.io import read_json_object
 
     return read_json_object(Path(path), what=what, fix="fix or replace the file", error=error)
 

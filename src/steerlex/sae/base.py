@@ -24,15 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from steerlex.configs import from_dict_strict
-from steerlex.errors import SteerlexError
+from steerlex.core.config import from_dict_strict
+from steerlex.core.errors import SAEError
 
 Architecture = Literal["topk", "relu", "jumprelu"]
 ARCHITECTURES: tuple[Architecture, ...] = ("topk", "relu", "jumprelu")
-
-
-class SAEError(SteerlexError):
-    """An SAE that cannot be built, loaded or used as asked."""
 
 
 @dataclass
@@ -83,7 +79,7 @@ class SAEConfig:
         return from_dict_strict(cls, data, "SAE config keys", SAEError)
 
 
-class TopKSAE(nn.Module):
+class SparseAutoencoder(nn.Module):
     """A sparse autoencoder (TopK for training; ReLU/JumpReLU for loaded SAEs)."""
 
     def __init__(self, cfg: SAEConfig, *, device: torch.device | str | None = None) -> None:
@@ -229,7 +225,7 @@ class TopKSAE(nn.Module):
             w, g = self.W_dec_free, self.W_dec_free.grad
             g -= (g * w).sum(dim=1, keepdim=True) * w
 
-    def folded(self) -> TopKSAE:
+    def folded(self) -> SparseAutoencoder:
         """An equivalent SAE with ``norm_scale`` 1 and an explicit decoder (for export).
 
         ``encode``/``decode`` of raw activations give the same results (up to rounding).
@@ -237,7 +233,7 @@ class TopKSAE(nn.Module):
         s = self.cfg.norm_scale
         cfg = SAEConfig(**{**self.cfg.to_dict(), "norm_scale": 1.0, "tied": False})
         cfg.extra = {**self.cfg.extra, "folded_norm_scale": s, "trained_tied": self.cfg.tied}
-        out = TopKSAE(cfg, device=self.W_enc.device)
+        out = SparseAutoencoder(cfg, device=self.W_enc.device)
         with torch.no_grad():
             out.W_enc.copy_(self.W_enc * s)
             out.b_enc.copy_(self.b_enc)
