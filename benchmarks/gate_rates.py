@@ -18,6 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+from steerlex.evaluate.tuning import gate_scores
+from steerlex.models.loading import load_model
+from steerlex.sae import load_sae
+
 RESULTS = Path(__file__).parent / "results" / "gate_rates.json"
 
 
@@ -30,11 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-
-    from steerlex.evaluate.defences import gate_scores
-    from steerlex.models.loading import load_model
-    from steerlex.sae.formats import load_sae
-
     eval_dir = Path(args.eval)
     scores = json.loads((eval_dir / "scores.json").read_text())
     calibration = scores["tuning"].get("gate_calibration")

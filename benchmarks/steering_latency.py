@@ -27,6 +27,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from steerlex.models.loading import load_model
+from steerlex.sae import load_sae
+from steerlex.steer import (
+    Amplification,
+    Calibration,
+    Clamp,
+    Gate,
+    SteeredModel,
+    SteeringStrategy,
+)
+from steerlex.steer.runtime import _SteeringCall
+
 ALL_CONFIGS = (
     "off", "amplify", "calibrate", "calibrate+gate(prompt)", "calibrate+gate(token)", "clamp",
 )  # fmt: skip
@@ -45,7 +59,7 @@ PROMPTS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--sae", default=str(DEFAULT_SAE), help=f"SAE directory (default {DEFAULT_SAE})"
@@ -63,104 +77,109 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    return ap
 
-    import torch
 
-    from steerlex.models.loading import load_model
-    from steerlex.sae.formats import load_sae
-    from steerlex.steer import Amplification, Calibration, Clamp, Condition, SteeredModel
-
-    if not Path(args.sae).exists():
-        print(f"SAE {args.sae} not found; pass --sae DIR (an SAE trained on the model)")
-        return 2
-    sae = load_sae(args.sae, device=args.device)
-    spec = args.model or sae.cfg.model_spec
-    loaded = load_model(spec, device=args.device, dtype=args.dtype)
-    model, tok = loaded.model, loaded.tokenizer
+def _strategies(d_sae: int, n_features: int, n_harm: int) -> dict[str, SteeringStrategy]:
+    """The timed strategies on random features (seed 0): ``n_features`` steered, ``n_harm``
+    gate detectors."""
     gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(sae.d_sae, generator=gen).tolist()
-    selected, harm = perm[: args.features], perm[args.features : args.features + args.harm]
-    strategies = {
+    perm = torch.randperm(d_sae, generator=gen).tolist()
+    selected = tuple(perm[:n_features])
+    harm = tuple(perm[n_features : n_features + n_harm])
+    return {
         "amplify": Amplification(selected, alpha=4.0),
         "calibrate": Calibration(selected),
-        "calibrate+gate(prompt)": Calibration(selected, condition=Condition(harm, 0.1, "prompt")),
-        "calibrate+gate(token)": Calibration(selected, condition=Condition(harm, 0.1, "token")),
+        "calibrate+gate(prompt)": Calibration(selected, gate=Gate(harm, 0.1, "prompt")),
+        "calibrate+gate(token)": Calibration(selected, gate=Gate(harm, 0.1, "token")),
         "clamp": Clamp(selected, value=1.0),
     }
-    steered = SteeredModel(loaded, sae, strategies["amplify"])
-    # Fixed-length runs: no EOS (the bare baseline uses the same config).
-    model.generation_config.eos_token_id = None
-    base_config = copy.deepcopy(model.generation_config)
-    base_config.do_sample = False
-    base_config.temperature = base_config.top_p = base_config.top_k = None
-    if base_config.pad_token_id is None:
-        base_config.pad_token_id = tok.pad_token_id or 0
 
-    def bare(prompts: list[str], n: int) -> None:
-        enc = steered.encode(prompts)
+
+class _Runs:
+    """Fixed-length greedy runs of one configuration: the bare model or the steered one."""
+
+    def __init__(self, steered: SteeredModel, strategies: dict[str, SteeringStrategy]) -> None:
+        self.steered, self.strategies = steered, strategies
+        loaded = steered.loaded
+        self.device = loaded.device
+        model = loaded.model
+        # Fixed-length runs: no EOS (the bare baseline uses the same config).
+        model.generation_config.eos_token_id = None
+        base = copy.deepcopy(model.generation_config)
+        base.do_sample = False
+        base.temperature = base.top_p = base.top_k = None
+        if base.pad_token_id is None:
+            base.pad_token_id = loaded.tokenizer.pad_token_id or 0
+        self.base_config = base
+
+    def bare(self, prompts: list[str], n: int) -> None:
+        enc = self.steered.encode(prompts)
         width = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(enc), width), int(base_config.pad_token_id), dtype=torch.long)
+        ids = torch.full((len(enc), width), int(self.base_config.pad_token_id), dtype=torch.long)
         attn = torch.zeros((len(enc), width), dtype=torch.long)
         for i, e in enumerate(enc):
             ids[i, width - len(e.input_ids) :] = torch.tensor(e.input_ids)
             attn[i, width - len(e.input_ids) :] = 1
-        cfg = copy.deepcopy(base_config)
+        cfg = copy.deepcopy(self.base_config)
         cfg.max_new_tokens = n
         with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(loaded.device),
-                attention_mask=attn.to(loaded.device),
+            out = self.steered.loaded.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=attn.to(self.device),
                 generation_config=cfg,
             )
         assert out.shape[1] == width + n, "generation stopped early"
 
-    def run(name: str, prompts: list[str], n: int) -> None:
+    def run(self, name: str, prompts: list[str], n: int) -> None:
         if name == "unsteered":
-            bare(prompts, n)
+            self.bare(prompts, n)
             return
+        steered = self.steered
         steered.enabled = name != "off"
-        steered.strategy = strategies.get(name, strategies["amplify"])
+        steered.strategy = self.strategies.get(name, self.strategies["amplify"])
         out = steered.generate(prompts, max_new_tokens=n, batch_size=len(prompts))
         assert all(len(r.token_ids) == n or r.finish_reason == "stop" for r in out)
 
-    def sync() -> None:
-        if loaded.device.type == "cuda":
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(name: str, prompts: list[str], n: int) -> float:
-        sync()
+    def timed(self, name: str, prompts: list[str], n: int) -> float:
+        self._sync()
         t0 = time.perf_counter()
-        run(name, prompts, n)
-        sync()
+        self.run(name, prompts, n)
+        self._sync()
         return time.perf_counter() - t0
 
-    unknown = sorted(set(args.configs) - set(ALL_CONFIGS))
-    if unknown:
-        print(f"unknown --configs {unknown}; choose from {', '.join(ALL_CONFIGS)}")
-        return 2
-    names = ["unsteered", *args.configs]
-    n = args.new_tokens
-    for b in args.batch_sizes:  # warm-up (allocator, kernels) for every shape
-        for name in names:
-            run(name, _prompts(b), 2)
-    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for rep in range(args.repeats):
-        for b in args.batch_sizes:
-            for name in names:
-                prefill = timed(name, _prompts(b), 1)
-                full = timed(name, _prompts(b), n)
-                samples.setdefault((name, b), []).append((prefill, full))
-        print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
 
-    hook_ms = {
-        f"{name} batch {b}": _hook_ms(steered, strat, b)
-        for b in args.batch_sizes
-        for name, strat in strategies.items()
-        if name in args.configs
-    }
+def _measure(
+    runs: _Runs, names: list[str], batch_sizes: list[int], n: int, repeats: int
+) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """``(prefill s, full run s)`` per repeat for every (configuration, batch size)."""
+    for b in batch_sizes:  # warm-up (allocator, kernels) for every shape
+        for name in names:
+            runs.run(name, _prompts(b), 2)
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for rep in range(repeats):
+        for b in batch_sizes:
+            for name in names:
+                prefill = runs.timed(name, _prompts(b), 1)
+                full = runs.timed(name, _prompts(b), n)
+                samples.setdefault((name, b), []).append((prefill, full))
+        print(f"repeat {rep + 1}/{repeats} done", file=sys.stderr)
+    return samples
+
+
+def _rows(
+    samples: dict[tuple[str, int], list[tuple[float, float]]],
+    names: list[str],
+    batch_sizes: list[int],
+    n: int,
+) -> list[dict[str, Any]]:
+    """One summary row per (batch size, configuration), with ratios against ``unsteered``."""
     rows: list[dict[str, Any]] = []
-    for b in args.batch_sizes:
+    for b in batch_sizes:
         base = _summary(samples[("unsteered", b)], b, n)
         for name in names:
             s = _summary(samples[(name, b)], b, n)
@@ -173,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs=[{"prefill_s": p, "total_s": f} for p, f in samples[(name, b)]],
             )
             rows.append(s)
+    return rows
 
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
     header = ("batch", "config", "prefill ms", "x", "decode tok/s", "x", "total s")
     table = [
         (
@@ -191,14 +213,43 @@ def main(argv: list[str] | None = None) -> int:
     for line in [header, tuple("-" * w for w in widths), *table]:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not Path(args.sae).exists():
+        print(f"SAE {args.sae} not found; pass --sae DIR (an SAE trained on the model)")
+        return 2
+    unknown = sorted(set(args.configs) - set(ALL_CONFIGS))
+    if unknown:
+        print(f"unknown --configs {unknown}; choose from {', '.join(ALL_CONFIGS)}")
+        return 2
+    sae = load_sae(args.sae, device=args.device)
+    spec = args.model or sae.cfg.model_spec
+    if not spec:
+        print(f"the SAE {args.sae} does not record its model; pass --model")
+        return 2
+    loaded = load_model(spec, device=args.device, dtype=args.dtype)
+    strategies = _strategies(sae.d_sae, args.features, args.harm)
+    steered = SteeredModel(loaded, sae, strategies["amplify"])
+    names = ["unsteered", *args.configs]
+    n = args.new_tokens
+    samples = _measure(_Runs(steered, strategies), names, args.batch_sizes, n, args.repeats)
+    hook_ms = {
+        f"{name} batch {b}": _hook_ms(steered, strat, b)
+        for b in args.batch_sizes
+        for name, strat in strategies.items()
+        if name in args.configs
+    }
+    rows = _rows(samples, names, args.batch_sizes, n)
+    _print_table(rows)
     result = {
         "benchmark": "steering_latency",
         "model": spec,
         "sae": str(args.sae),
         "d_sae": sae.d_sae,
         "layer": steered.layer,
-        "features": len(selected),
-        "harm_features": len(harm),
+        "features": len(strategies["amplify"].features),
+        "harm_features": args.harm,
         "new_tokens": n,
         "repeats": args.repeats,
         "device": str(loaded.device),
@@ -224,12 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _hook_ms(steered: Any, strategy: Any, batch: int, iters: int = 200) -> float:
+def _hook_ms(
+    steered: SteeredModel, strategy: SteeringStrategy, batch: int, iters: int = 200
+) -> float:
     """Median time of the steering hook alone (edit + report) on one decoding step's input."""
-    import torch
-
-    from steerlex.steer.runtime import _SteeringCall
-
+    assert steered.sae is not None
     d = steered.sae.d_in
     device = steered.sae.W_enc.device
     g = torch.Generator().manual_seed(1)

@@ -14,7 +14,8 @@ from steerlex.activations.harvest import HarvestOptions, harvest
 from steerlex.activations.store import ActivationStore
 from steerlex.core.io import write_bytes_atomic, write_json_atomic
 from steerlex.data.textset import TextItem
-from steerlex.explain.run import METHODS, Explanation, write_explanations
+from steerlex.explain.method import method_names
+from steerlex.explain.run import Explanation, write_explanations
 from steerlex.models.loading import LoadedModel
 from steerlex.plots import Series, line_plot
 from steerlex.report import (
@@ -30,6 +31,7 @@ from steerlex.sae.formats import save_sae
 from steerlex.steer.concepts import HARM, SAFETY
 from steerlex.steer.select import FeatureSelection, SelectedFeature
 
+METHODS = method_names()
 LAYER = 2
 D_SAE = 64
 INJECTION = "<script>alert('x')</script>"

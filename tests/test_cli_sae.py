@@ -31,7 +31,7 @@ def test_train_eval_convert(run: dict[str, Path], capsys: pytest.CaptureFixture[
                  "--k", "4", "--batch-size", "64", "--tokens", "1280", "--warmup-steps", "2", "--lr", "0.005",
                  "--init-sample-tokens", "256", "--quiet"])  # fmt: skip
     assert code == 0
-    assert "Trained a TopK SAE (d_in 32, d_sae 64, k 4)" in capsys.readouterr().out
+    assert "Trained a topk SAE (d_in 32, d_sae 64, k 4)" in capsys.readouterr().out
     sae = load_sae(sae_dir)
     assert sae.cfg.layer == 1 and sae.cfg.k == 4 and sae.cfg.model_spec == str(run["model"])
 

@@ -37,7 +37,7 @@ def test_kl_is_zero_for_equal_and_positive_for_different_logits() -> None:
 
 def test_calibrate_gate_threshold() -> None:
     from steerlex.core.errors import EvalError
-    from steerlex.evaluate.defences import calibrate_gate
+    from steerlex.evaluate.tuning import calibrate_gate
 
     # harmful 0.3, 0.5, 0.7; benign 0.1, 0.2, 0.4: t = 0.5 gives TPR 2/3, FPR 0 (J = 2/3);
     # t = 0.3 gives TPR 1, FPR 1/3 (J = 2/3): the tie goes to the higher threshold.

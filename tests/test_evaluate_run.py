@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 import xml.etree.ElementTree as ET
@@ -13,9 +12,10 @@ import pytest
 import torch
 
 from conftest import SENTENCES, save_tiny_model
+from steerlex.cli import build_parser, main
+from steerlex.cli.evaluate import cmd_eval
 from steerlex.evaluate import EvalError, config_from_dict, run_eval
 from steerlex.evaluate.cache import CacheWarning, EvalCache
-from steerlex.evaluate.cli import add_eval_parser
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.steer.runtime import SteeredModel
@@ -231,16 +231,12 @@ def test_cli_dry_run_and_bad_config(
     tmp_path: Path, sources: dict[str, str], cache_dir: Path
 ) -> None:
     model_dir = save_tiny_model(tmp_path / "tiny")
-    parser = argparse.ArgumentParser()
-    add_eval_parser(parser.add_subparsers(dest="command"))
     cfg = tmp_path / "cfg.json"
     data = cfg_dict(sources, tmp_path / "out", defences=[{"kind": "none"}])
     data["model"] = str(model_dir)
     cfg.write_text(json.dumps(data))
-    args = parser.parse_args(["eval", "--config", str(cfg), "--dry-run", "--quiet"])
-    assert args.func(args) == 0
+    assert main(["eval", "--config", str(cfg), "--dry-run", "--quiet"]) == 0
     assert (tmp_path / "out" / "split.json").is_file()
     cfg.write_text(json.dumps({**data, "sets": {**data["sets"], "n_jailbreak": "many"}}))
-    args = parser.parse_args(["eval", "--config", str(cfg), "--quiet"])
     with pytest.raises(EvalError, match="sets.n_jailbreak"):
-        args.func(args)
+        cmd_eval(build_parser().parse_args(["eval", "--config", str(cfg), "--quiet"]))

@@ -26,6 +26,8 @@ def test_quick_profile_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert (d / name).is_file(), name
     record = json.loads((d / "run.json").read_text())
     assert len(record["stages"]) == 10
+    # one model load for the whole run (every stage shares the run context)
+    assert record["model_loads"] == 1, record["models_loaded"]
     scores = json.loads((d / "eval" / "scores.json").read_text())
     assert {c["defence"] for c in scores["conditions"]} >= {"none", "dense", "amplify"}
     report = (d / "report.html").read_text()

@@ -49,7 +49,7 @@ def make_sae(
         d_in=D_IN,
         d_sae=D_SAE,
         k=K if architecture == "topk" else None,
-        architecture=architecture,  # type: ignore[arg-type]
+        architecture=architecture,
         tied=tied,
         norm_scale=norm_scale,
         apply_b_dec_to_input=apply_b_dec_to_input,
@@ -62,8 +62,8 @@ def make_sae(
         sae.b_dec.normal_(0, 0.5)
         if sae.W_dec_free is not None:
             sae.W_dec_free.normal_(0, 0.3)
-        if sae.threshold is not None:
-            sae.threshold.uniform_(0, 0.5)
+        for name in sae.latent_tensors:  # JumpReLU: threshold
+            getattr(sae, name).uniform_(0, 0.5)
     return sae
 
 
@@ -116,8 +116,8 @@ def test_round_trip_same_outputs(
     assert loaded.cfg.extra["folded_norm_scale"] == norm_scale
     assert loaded.cfg.extra["trained_tied"] is tied
     assert loaded.W_enc.requires_grad
-    if loaded.threshold is not None:
-        assert not loaded.threshold.requires_grad
+    for name in loaded.latent_tensors:
+        assert not getattr(loaded, name).requires_grad
 
 
 def test_cfg_json_has_saelens_keys_and_steerlex_block(tmp_path: Path) -> None:
@@ -668,3 +668,17 @@ def test_unknown_paths(tmp_path: Path) -> None:
     with pytest.raises(SAEError, match=r"several SAEs \(layer_2, layer_4\); pass one"):
         load_sae(run)
     assert issubclass(SAEError, SteerlexError)
+
+
+def test_hook_kinds() -> None:
+    from steerlex.sae.formats import hook_kind
+
+    assert hook_kind("blocks.3.hook_resid_post") == "hook_resid_post"
+    assert hook_kind("blocks.3.hook_resid_pre") == "hook_resid_pre"
+    assert hook_kind("blocks.3.hook_mlp_out") == "hook_mlp_out"
+    assert hook_kind("blocks.3.attn.hook_z") == "attn.hook_z"
+    assert hook_kind("hook_embed") == "hook_embed"
+    assert hook_kind("model.layers.12") == "hook_resid_post"  # an HF name in hook_name
+    assert hook_kind(None, "model.layers.4") == "hook_resid_post"
+    assert hook_kind(None, "model.layers.4.mlp") == "model.layers.4.mlp"
+    assert hook_kind(None, None) is None

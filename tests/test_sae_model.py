@@ -1,4 +1,7 @@
-"""SparseAutoencoder: encode/decode contracts, the sparse decode against the dense path, options."""
+"""SparseAutoencoder: encode/decode contracts, the sparse decode against the dense path, options.
+
+Per-architecture behaviour (TopK, BatchTopK, ReLU, JumpReLU, the registry) is in
+test_sae_architectures.py."""
 
 from __future__ import annotations
 
@@ -32,8 +35,10 @@ def test_sparse_decode_matches_dense(tied: bool, scale: float) -> None:
     dense = sae.encode(x)
     assert dense.shape == (5, 7, 64)
     assert ((dense != 0).sum(-1) <= 4).all() and (dense >= 0).all()
+    values, indices = sae.encode_sparse(x)
+    assert values.shape == indices.shape == (35, 4)
     torch.testing.assert_close(
-        sae.decode_topk(*sae.encode_topk(x)), sae.decode(dense), rtol=1e-5, atol=1e-5
+        sae.decode_sparse(values, indices), sae.decode(dense).reshape(35, 16), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(sae(x), sae.decode(dense), rtol=1e-5, atol=1e-5)
 
@@ -110,8 +115,8 @@ def test_relu_and_jumprelu_encode() -> None:
         jump.threshold.fill_(0.3)
     pre = jump.pre_acts(x)
     assert torch.equal(jump.encode(x), pre * (pre > 0.3))
-    with pytest.raises(SAEError, match="needs a TopK SAE"):
-        relu.encode_topk(x)
+    with pytest.raises(SAEError, match="k=3 applies only to TopK SAEs"):
+        SparseAutoencoder(SAEConfig(d_in=8, d_sae=12, k=3, architecture="relu"))
 
 
 @pytest.mark.parametrize(

@@ -203,8 +203,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_gloo_matches_single_process(store: ActivationStore, tmp_path: Path) -> None:
-    cfg = replace(CFG, tokens=128 * 30)
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_two_process_gloo_matches_single_process(
+    store: ActivationStore, tmp_path: Path, architecture: str
+) -> None:
+    cfg = replace(CFG, tokens=128 * 30, architecture=architecture)
     single = tmp_path / "single"
     train_sae(store, replace(cfg, streams=2), single, progress=False)
     ddp = tmp_path / "ddp"
@@ -215,6 +218,7 @@ def test_two_process_gloo_matches_single_process(store: ActivationStore, tmp_pat
         "--d-sae", str(D_SAE), "--k", str(K), "--batch-size", "128", "--lr", str(cfg.lr),
         "--warmup-steps", "5", "--tokens", str(cfg.tokens), "--dead-tokens", "2000",
         "--init-sample-tokens", "2048", "--shards-in-memory", "2", "--checkpoint-every", "10", "--quiet",
+        "--architecture", architecture,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -224,3 +228,109 @@ def test_two_process_gloo_matches_single_process(store: ActivationStore, tmp_pat
         torch.testing.assert_close(wd[name], ws[name], rtol=1e-4, atol=1e-5)
     training = json.loads((ddp / "training.json").read_text())
     assert training["train_config"]["streams"] == 2
+
+
+# --- BatchTopK ---------------------------------------------------------------------------------
+
+BATCHTOPK = replace(CFG, architecture="batchtopk")
+
+
+def test_batchtopk_learns_and_is_saved_as_jumprelu(store: ActivationStore, tmp_path: Path) -> None:
+    sae_lens = pytest.importorskip("sae_lens")
+    from steerlex.sae import load_sae
+    from steerlex.sae.architectures import JumpReLUSAE
+    from steerlex.sae.evaluate import activation_metrics
+
+    cfg = replace(BATCHTOPK, lr=1e-2, tokens=128 * 120)
+    sae = train_sae(store, cfg, tmp_path / "b", progress=False)
+    assert isinstance(sae, JumpReLUSAE) and sae.cfg.extra["training_architecture"] == "batchtopk"
+    log = [
+        json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert log[-1]["nmse"] < 0.25 and log[-1]["l0"] == pytest.approx(K)  # k per token on average
+    assert log[-1]["threshold"] > 0
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), log[-1]["threshold"]))
+    m = activation_metrics(sae, store, progress=False)
+    assert m["fve"] > 0.75, m["fve"]
+    assert K / 2 < m["l0"] < 2 * K, m["l0"]  # the learned threshold keeps about k latents
+    saved = json.loads((tmp_path / "b" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu"
+    assert (
+        json.loads((tmp_path / "b" / "training.json").read_text())["train_config"]["architecture"]
+        == "batchtopk"
+    )
+    loaded = load_sae(tmp_path / "b")
+    assert isinstance(loaded, JumpReLUSAE)
+    x = store.activations(max_tokens=256)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-4, atol=1e-4)
+        sl = sae_lens.SAE.load_from_disk(str(tmp_path / "b"), device="cpu")
+        assert sl.cfg.architecture() == "jumprelu"
+        torch.testing.assert_close(sl.encode(x), loaded.encode(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sl.decode(sl.encode(x)), loaded(x), rtol=1e-4, atol=1e-4)
+
+
+def test_batchtopk_resumes_exactly(store: ActivationStore, tmp_path: Path) -> None:
+    cfg = replace(BATCHTOPK, k_start=12, k_anneal_steps=20)
+    train_sae(store, cfg, tmp_path / "a", progress=False)
+
+    def kill(step: int) -> None:
+        if step == 27:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, cfg, tmp_path / "c", progress=False, on_step=kill)
+    ckpt = torch.load(tmp_path / "c" / "checkpoints" / "step_0000020.pt", weights_only=True)
+    assert int(ckpt["sae"]["threshold_updates"]) == 20
+    train_sae(store, cfg, tmp_path / "c", progress=False)
+    wa, wc = weights(tmp_path / "a"), weights(tmp_path / "c")
+    assert set(wa) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+    assert all(torch.equal(wa[k], v) for k, v in wc.items())
+
+
+def test_checkpoint_from_before_architecture_resumes_as_topk(
+    store: ActivationStore, tmp_path: Path
+) -> None:
+    train_sae(store, CFG, tmp_path / "a", progress=False)
+
+    def kill(step: int) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(store, CFG, tmp_path / "old", progress=False, on_step=kill)
+    path = tmp_path / "old" / "checkpoints" / "step_0000010.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["train_config"]["architecture"]  # as written before the option existed
+    torch.save(ckpt, path)
+    train_sae(store, CFG, tmp_path / "old", progress=False)
+    assert all(
+        torch.equal(weights(tmp_path / "a")[k], v) for k, v in weights(tmp_path / "old").items()
+    )
+    with pytest.raises(SAEError, match=r"architecture: checkpoint 'topk', now 'batchtopk'"):
+        train_sae(store, replace(BATCHTOPK, tokens=128 * 90), tmp_path / "old", progress=False)
+
+
+def test_architecture_option_is_checked(store: ActivationStore, tmp_path: Path) -> None:
+    for bad in ("relu", "gated"):
+        with pytest.raises(SAEError, match=rf"trains topk, batchtopk SAEs, not '{bad}'"):
+            train_sae(store, replace(CFG, architecture=bad), tmp_path / bad, progress=False)
+
+
+def test_cli_trains_batchtopk(store: ActivationStore, tmp_path: Path) -> None:
+    from steerlex.cli import main
+    from steerlex.sae import load_sae
+    from steerlex.sae.architectures import JumpReLUSAE
+
+    out = tmp_path / "cli"
+    rc = main([
+        "train-sae", "--activations", str(store.directory), "--out", str(out),
+        "--architecture", "batchtopk", "--d-sae", str(D_SAE), "--k", str(K),
+        "--batch-size", "128", "--tokens", str(128 * 10), "--warmup-steps", "2",
+        "--init-sample-tokens", "1024", "--quiet",
+    ])  # fmt: skip
+    assert rc == 0
+    assert isinstance(load_sae(out), JumpReLUSAE)
+    assert json.loads((out / "training.json").read_text())["train_config"]["architecture"] == (
+        "batchtopk"
+    )

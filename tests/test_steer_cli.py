@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -13,23 +12,16 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
-from steerlex.core.errors import SteeringError, SteerlexError
+from steerlex.cli import main
+from steerlex.core.errors import SteeringError
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import save_sae
-from steerlex.steer.cli import add_steer_parsers, parse_feature_list
+from steerlex.steer.features import parse_feature_list
 
 
 def run(argv: Sequence[str]) -> int:
-    """Parse and run like ``steerlex.cli.main``: a SteerlexError is one line and exit status 2."""
-    parser = argparse.ArgumentParser(prog="steerlex")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_steer_parsers(sub)
-    args = parser.parse_args(list(argv))
-    try:
-        return int(args.func(args))
-    except SteerlexError as exc:
-        print(f"steerlex {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    """``steerlex ARGV`` through the main CLI."""
+    return main(list(argv))
 
 
 @pytest.fixture(scope="module")

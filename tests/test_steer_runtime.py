@@ -17,7 +17,8 @@ from steerlex.steer import (
     Amplification,
     Calibration,
     Clamp,
-    Condition,
+    DenseDirection,
+    Gate,
     SteeredModel,
     SteeringError,
     encode_chat,
@@ -109,6 +110,51 @@ def test_off_and_alpha_zero_are_exactly_the_unsteered_model(tiny_loaded: LoadedM
     assert not steered.enabled
 
 
+# --- without an SAE --------------------------------------------------------------------------------
+
+
+def test_no_sae_and_no_strategy_is_the_unsteered_model(tiny_loaded: LoadedModel) -> None:
+    steered = SteeredModel(tiny_loaded, layer=LAYER)
+    assert steered.sae is None and steered.strategy is None
+    assert steered.describe() == "no steering"
+    eos = tiny_loaded.model.generation_config.eos_token_id
+    expected = trimmed(plain_generate(tiny_loaded, steered, PROMPTS, 12), eos)
+    out = steered.generate(PROMPTS, max_new_tokens=12)
+    assert ids_of(out) == expected
+    report = out[0].report
+    assert report.features == () and report.gate_mode is None and not report.steered
+    assert report.strategy == "no steering" and report.prompt_positions > 0
+
+
+def test_dense_direction_without_an_sae(tiny_loaded: LoadedModel) -> None:
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    strategy = DenseDirection(direction=direction, scale=4.0, alpha=2.0)
+    steered = SteeredModel(tiny_loaded, None, strategy, layer=LAYER)
+    got = steered.generate(PROMPTS, max_new_tokens=8)
+    enc = steered.encode([PROMPTS[0]])[0]
+    assert got[0].token_ids == manual_greedy(tiny_loaded, None, strategy, enc, 8)
+    eos = tiny_loaded.model.generation_config.eos_token_id
+    assert ids_of(got) != trimmed(plain_generate(tiny_loaded, steered, PROMPTS, 8), eos)
+    report = got[0].report
+    assert report.features == () and report.steered and report.edited_prompt_positions > 0
+    with steered.steering(False):
+        assert ids_of(steered.generate(PROMPTS, max_new_tokens=8)) == trimmed(
+            plain_generate(tiny_loaded, steered, PROMPTS, 8), eos
+        )
+
+
+def test_without_an_sae_what_needs_one_is_refused(tiny_loaded: LoadedModel) -> None:
+    with pytest.raises(SteeringError, match="pass layer"):
+        SteeredModel(tiny_loaded, None, DenseDirection(direction=torch.ones(32)))
+    with pytest.raises(SteeringError, match="needs the SAE"):
+        SteeredModel(tiny_loaded, None, Amplification(SELECTED, alpha=1.0), layer=LAYER)
+    steered = SteeredModel(tiny_loaded, layer=LAYER)
+    with pytest.raises(SteeringError, match="needs the SAE"):
+        steered.strategy = Calibration(SELECTED)
+    with pytest.raises(SteeringError, match="width 8 but the layer has 32"):
+        steered.strategy = DenseDirection(direction=torch.ones(8))
+
+
 # --- the edit reaches the layer -------------------------------------------------------------------
 
 
@@ -148,7 +194,7 @@ def test_amplification_raises_selected_activations_on_held_out_prompts(
         Calibration(SELECTED, target=1.0),
         Clamp(SELECTED, value=0.5),
         Ablate(SELECTED),
-        Amplification(SELECTED, alpha=1.0, condition=Condition(HARM, 0.0, "token")),
+        Amplification(SELECTED, alpha=1.0, gate=Gate(HARM, 0.0, "token")),
     ],
     ids=lambda s: s.name,
 )
@@ -174,8 +220,8 @@ def test_template_and_padding_positions_never_edited(
 @pytest.mark.parametrize("mode", ["prompt", "token"])
 def test_gate_closed_below_threshold_and_open_above(tiny_loaded: LoadedModel, mode: str) -> None:
     sae = make_sae(tiny_loaded)
-    cond = Condition(HARM, threshold=0.1, mode=mode)  # type: ignore[arg-type]
-    steered = SteeredModel(tiny_loaded, sae, Amplification(SELECTED, alpha=8.0, condition=cond))
+    cond = Gate(HARM, threshold=0.1, mode=mode)  # type: ignore[arg-type]
+    steered = SteeredModel(tiny_loaded, sae, Amplification(SELECTED, alpha=8.0, gate=cond))
     with steered.steering(False):
         clean = steered.generate(PROMPTS, max_new_tokens=10)
     set_harm(sae, -100.0)  # harm features never fire
@@ -198,8 +244,8 @@ def test_gate_closed_below_threshold_and_open_above(tiny_loaded: LoadedModel, mo
 def test_prompt_gate_decision_holds_for_decoding(tiny_loaded: LoadedModel) -> None:
     """A gate opened by the prompt stays open while decoding, whatever the new tokens do."""
     sae = make_sae(tiny_loaded)
-    cond = Condition(HARM, threshold=1.0, mode="prompt")
-    steered = SteeredModel(tiny_loaded, sae, Amplification(SELECTED, alpha=4.0, condition=cond))
+    cond = Gate(HARM, threshold=1.0, mode="prompt")
+    steered = SteeredModel(tiny_loaded, sae, Amplification(SELECTED, alpha=4.0, gate=cond))
     encoded = steered.encode(PROMPTS[:1])[0]
     calls = {"n": 0}
 
@@ -221,8 +267,8 @@ def test_prompt_gate_decision_holds_for_decoding(tiny_loaded: LoadedModel) -> No
 
 STRATEGIES = [
     Amplification(SELECTED, alpha=3.0),
-    Calibration(SELECTED, target=2.5, condition=Condition(HARM, 0.0, "prompt")),
-    Calibration(SELECTED, target=2.5, condition=Condition(HARM, 0.05, "token")),
+    Calibration(SELECTED, target=2.5, gate=Gate(HARM, 0.0, "prompt")),
+    Calibration(SELECTED, target=2.5, gate=Gate(HARM, 0.05, "token")),
     Clamp(SELECTED, value=1.0),
 ]
 
@@ -243,20 +289,20 @@ def test_batch_and_single_agree(tiny_loaded: LoadedModel, strategy: object) -> N
 
 
 def manual_greedy(
-    loaded: LoadedModel, sae: SparseAutoencoder, strategy: Any, enc: EncodedPrompt, n: int
+    loaded: LoadedModel, sae: SparseAutoencoder | None, strategy: Any, enc: EncodedPrompt, n: int
 ) -> tuple[int, ...]:
     """Greedy decoding without a KV cache: the whole sequence is recomputed and edited each step."""
     ids = list(enc.input_ids)
     p = len(ids)
-    cond = strategy.condition
+    gate = strategy.gate
 
     def edit(h: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(h.shape[:2], dtype=torch.bool)
         mask[0, enc.content_start :] = True
-        gate = None
-        if cond is not None and cond.mode == "prompt":  # decided from the prompt alone
-            gate = cond.prompt_gate(h[:, :p], sae, mask[:, :p])
-        return strategy(h, sae, mask, gate=gate)  # type: ignore[no-any-return]
+        gate_open = None
+        if gate is not None and gate.mode == "prompt":  # decided from the prompt alone
+            gate_open = gate.prompt_gate(h[:, :p], sae, mask[:, :p])
+        return strategy(h, sae, mask, gate_open=gate_open)  # type: ignore[no-any-return]
 
     out: list[int] = []
     with torch.no_grad(), edit_residual(loaded.model, LAYER, edit):
@@ -282,8 +328,8 @@ def test_kv_cache_matches_no_cache_recompute(tiny_loaded: LoadedModel, strategy:
 
 def test_calls_are_independent(tiny_loaded: LoadedModel) -> None:
     sae = make_sae(tiny_loaded)
-    cond = Condition(HARM, threshold=0.5, mode="prompt")
-    steered = SteeredModel(tiny_loaded, sae, Calibration(SELECTED, condition=cond))
+    cond = Gate(HARM, threshold=0.5, mode="prompt")
+    steered = SteeredModel(tiny_loaded, sae, Calibration(SELECTED, gate=cond))
     first = steered.generate(PROMPTS[1:2], max_new_tokens=8)[0]
     set_harm(sae, 100.0)
     steered.generate(PROMPTS, max_new_tokens=8)  # opens the gate for every row
@@ -299,8 +345,8 @@ def test_calls_are_independent(tiny_loaded: LoadedModel) -> None:
 def test_report_fields(tiny_loaded: LoadedModel) -> None:
     sae = make_sae(tiny_loaded)
     set_harm(sae, 100.0)
-    cond = Condition(HARM, threshold=0.1, mode="prompt")
-    steered = SteeredModel(tiny_loaded, sae, Amplification(SELECTED, alpha=3.0, condition=cond))
+    cond = Gate(HARM, threshold=0.1, mode="prompt")
+    steered = SteeredModel(tiny_loaded, sae, Amplification(SELECTED, alpha=3.0, gate=cond))
     r = steered.generate(PROMPTS[:1], max_new_tokens=6)[0]
     rep = r.report
     assert rep.steered and rep.gate_mode == "prompt" and rep.gate_open

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import re
 import zlib
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from conftest import save_tiny_model
+from steerlex.cli import main
 from steerlex.core.errors import BackendError, ConceptError, SAEError, SelectionError, SteerlexError
 from steerlex.explain.run import Explanation, write_explanations
 from steerlex.explain.summaries import BadAnswer, SummaryWarning
@@ -31,7 +32,14 @@ from steerlex.steer.concepts import (
     parse_words,
 )
 from steerlex.steer.select import (
+    DEFAULT_METHOD,
+    METHOD_OPTIONS,
+    METHODS,
+    DataSelection,
     FeatureSelection,
+    LLMSelection,
+    ManualSelection,
+    SemanticSelection,
     generic_words,
     mean_activations,
     parse_category,
@@ -39,7 +47,6 @@ from steerlex.steer.select import (
     select_features,
     semantic_scores,
 )
-from steerlex.steer.select_cli import add_select_parser
 
 # --------------------------------------------------------------------------- fakes
 
@@ -72,6 +79,11 @@ class FakeEncoder:
 
 
 SAFE = Concept("safe-things", "", ("safe", "guard"))
+
+
+def fake(**options: object) -> SemanticSelection:
+    """Semantic options with the bag-of-words encoder."""
+    return SemanticSelection(encoder=FakeEncoder(), **options)  # type: ignore[arg-type]
 
 
 def expl(feature: int, words: str, method: str = "mi", summary: str | None = None) -> Explanation:
@@ -118,6 +130,57 @@ def test_presets_and_custom_concepts() -> None:
         concept_from_dict({"description": "no name"})
 
 
+# --------------------------------------------------------------------------- method options
+
+
+def test_method_options_defaults_and_help() -> None:
+    assert tuple(METHOD_OPTIONS) == METHODS
+    assert all(cls.name == name for name, cls in METHOD_OPTIONS.items())
+    for cls in METHOD_OPTIONS.values():
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+    sem = SemanticSelection()
+    assert (sem.scoring, sem.top_m, sem.generic_share, sem.encoder) == ("words", 3, 0.02, None)
+    assert sem == DEFAULT_METHOD
+    judge = FakeJudge()
+    llm = LLMSelection(judge)  # type: ignore[arg-type]
+    assert llm.backend is judge and llm.cache_dir is None
+    data = DataSelection(["a", "b"], ["c"])
+    assert data.harmful == ("a", "b") and data.benign == ("c",)  # lists are stored as tuples
+    assert (data.direction, data.layer, data.batch_size, data.max_length) == (
+        "harmful", None, 8, 256,
+    )  # fmt: skip
+    manual = ManualSelection([3, 1, 3])
+    assert manual.ids == (3, 1) and ManualSelection(parse_ids("4, 2")).ids == (4, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sem.top_m = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: SemanticSelection(scoring="bogus"), "Unknown scoring 'bogus'"),  # type: ignore[arg-type]
+        (lambda: SemanticSelection(top_m=0), "top_m=0 must be an integer of at least 1"),
+        (lambda: SemanticSelection(generic_share=0.0), r"generic_share=0.0 must be in \(0, 1\]"),
+        (lambda: SemanticSelection(generic_share=1.5), "generic_share=1.5"),
+        (lambda: LLMSelection(None), "'llm' method needs a judge back end"),  # type: ignore[arg-type]
+        (lambda: DataSelection([], ["b"]), "needs harmful and benign prompts"),
+        (lambda: DataSelection("a harmful prompt", ["b"]), "harmful must be a list of prompt"),
+        (lambda: DataSelection(["a"], ["b"], direction="up"), "Unknown direction 'up'"),  # type: ignore[arg-type]
+        (lambda: DataSelection(["a"], ["b"], batch_size=0), "batch_size=0 and max_length=256"),
+        (lambda: DataSelection(["a"], ["b"], max_length=0), "max_length=0 must be >= 1"),
+        (lambda: DataSelection(["a"], ["b"], layer=-1), "layer=-1 must be a 0-based layer"),
+        (lambda: ManualSelection([]), "No feature ids given; pass ids like --ids 12,40,7"),
+        (lambda: ManualSelection([1, -2]), "Feature id -2 is not a non-negative integer"),
+        (lambda: ManualSelection([True]), "Feature id True is not a non-negative integer"),
+    ],
+)
+def test_method_options_refuse_bad_values(make: object, message: str) -> None:
+    with pytest.raises(SelectionError, match=message):
+        make()  # type: ignore[operator]
+
+
 # --------------------------------------------------------------------------- semantic
 
 
@@ -129,20 +192,23 @@ def test_semantic_ranking_threshold_and_top_n(four: list[Explanation]) -> None:
     assert "via words: " in scored[1].reason and "guard" in scored[1].reason
     assert scored[1].details["evidence"][0][1] == pytest.approx(1.0, abs=1e-5)
 
-    sel = select_features(four, SAFE, encoder=enc, threshold=0.5, top_m=2, progress=False)
+    words2 = SemanticSelection(top_m=2, encoder=enc)
+    sel = select_features(four, SAFE, words2, threshold=0.5, progress=False)
     assert sel.ids[0] == 1 and 0 not in sel.ids and 3 not in sel.ids
     assert sel.side == "output" and sel.method == "semantic"
     assert sel.settings["encoder"] == "fake-bag-of-words" and sel.settings["threshold"] == 0.5
-    top = select_features(four, SAFE, encoder=enc, top_n=2, top_m=2, progress=False)
+    top = select_features(four, SAFE, words2, top_n=2, progress=False)
     assert top.ids == [1, 2] and top.settings["threshold"] is None
-    both = select_features(four, SAFE, encoder=enc, threshold=0.5, top_n=1, progress=False)
+    both = select_features(
+        four, SAFE, SemanticSelection(encoder=enc), threshold=0.5, top_n=1, progress=False
+    )
     assert both.ids == [1]
     assert [f.score for f in top.features] == sorted((f.score for f in top.features), reverse=True)
 
 
 def test_semantic_no_match_says_so(four: list[Explanation]) -> None:
     with pytest.raises(SelectionError) as err:
-        select_features(four, SAFE, encoder=FakeEncoder(), threshold=0.99, progress=False)
+        select_features(four, SAFE, fake(), threshold=0.99, progress=False)
     msg = str(err.value)
     assert "No feature matches concept 'safe-things' at threshold 0.99" in msg
     assert "best score is" in msg and "feature 1" in msg and "lower threshold" in msg
@@ -153,7 +219,7 @@ def test_generic_words_are_ignored() -> None:
     es = [expl(i, f"safe, word{chr(97 + i % 26)}{i}") for i in range(40)]
     es.append(expl(40, "safe, guard, shield"))
     assert generic_words(es, share=0.02) == {"safe"}
-    sel = select_features(es, SAFE, encoder=FakeEncoder(), top_n=1, top_m=2, progress=False)
+    sel = select_features(es, SAFE, fake(top_m=2), top_n=1, progress=False)
     assert sel.ids == [40] and "safe," not in sel.features[0].reason
     scored = {f.id: f for f in semantic_scores(es, SAFE, FakeEncoder(), progress=False)}
     assert scored[0].score < 0.3
@@ -164,7 +230,7 @@ def test_text_scoring_uses_the_summary() -> None:
         expl(0, "table, chair", summary="Keeping people safe and guarding them"),
         expl(1, "banana, apple", summary=None),
     ]
-    sel = select_features(es, SAFE, encoder=FakeEncoder(), scoring="text", top_n=1, progress=False)
+    sel = select_features(es, SAFE, fake(scoring="text"), top_n=1, progress=False)
     assert sel.ids == [0] and "summary 'Keeping people safe" in sel.features[0].reason
 
 
@@ -187,27 +253,33 @@ def test_real_encoder_prefers_on_concept_words(cache_dir: Path) -> None:
 
 
 def test_sides_and_explanation_checks(four: list[Explanation]) -> None:
-    enc = FakeEncoder()
+    enc = fake()
     harm_words = [expl(0, "weapon, bomb, poison"), expl(1, "banana, apple")]
     with pytest.warns(UserWarning, match="detectors.*'mi' explanations describe the output"):
-        sel = select_features(harm_words, "harm", encoder=enc, top_n=1, progress=False)
+        sel = select_features(harm_words, "harm", enc, top_n=1, progress=False)
     assert sel.ids == [0] and sel.side == "output"
     inputs = [expl(0, "weapon, bomb, poison", method="mi-input"), expl(1, "banana", "mi-input")]
-    assert select_features(inputs, "harm", encoder=enc, top_n=1, progress=False).side == "input"
+    assert select_features(inputs, "harm", enc, top_n=1, progress=False).side == "input"
     with pytest.raises(SelectionError, match="describe the input side; pass mi or paper"):
-        select_features(inputs, SAFE, side="output", encoder=enc, progress=False)
+        select_features(inputs, SAFE, enc, side="output", progress=False)
     with pytest.raises(SelectionError, match="hold no features"):
-        select_features([], SAFE, encoder=enc, progress=False)
+        select_features([], SAFE, enc, progress=False)
     with pytest.raises(SelectionError, match="mix explanation methods"):
-        select_features([four[0], inputs[0]], SAFE, encoder=enc, progress=False)
+        select_features([four[0], inputs[0]], SAFE, enc, progress=False)
     with pytest.raises(SelectionError, match=r"ids \[9\].*features 0..3 \(d_sae=4\)"):
-        select_features([*four, expl(9, "safe")], SAFE, encoder=enc, sae=small_sae(4))
+        select_features([*four, expl(9, "safe")], SAFE, enc, sae=small_sae(4))
     with pytest.raises(SelectionError, match="None of the explanations has words"):
-        select_features([Explanation(0, "mi", (), ())], SAFE, encoder=enc, progress=False)
-    with pytest.raises(SelectionError, match="Unknown selection method"):
-        select_features(four, SAFE, method="magic", encoder=enc)  # type: ignore[arg-type]
-    with pytest.raises(SelectionError, match="needs explanations"):
-        select_features(None, SAFE, encoder=enc)
+        select_features([Explanation(0, "mi", (), ())], SAFE, enc, progress=False)
+    with pytest.raises(SelectionError, match="Unknown selection method 'magic'.*ManualSelection"):
+        select_features(four, SAFE, "magic")  # type: ignore[arg-type]
+    with pytest.raises(SelectionError, match="'semantic' method needs explanations"):
+        select_features(None, SAFE, enc)
+    with pytest.raises(SelectionError, match="top_n must be at least 1"):
+        select_features(four, SAFE, enc, top_n=0)
+    with pytest.raises(SelectionError, match="threshold must be a finite number"):
+        select_features(four, SAFE, enc, threshold=float("nan"))
+    with pytest.raises(SelectionError, match="n_words=0"):
+        select_features(four, SAFE, enc, n_words=0)
 
 
 # --------------------------------------------------------------------------- manual
@@ -215,19 +287,21 @@ def test_sides_and_explanation_checks(four: list[Explanation]) -> None:
 
 def test_manual_ids(four: list[Explanation]) -> None:
     sae = small_sae(8)
-    sel = select_features(four, SAFE, method="manual", ids="3, 1,3", sae=sae, sae_path="x")
+    sel = select_features(four, SAFE, ManualSelection(parse_ids("3, 1,3")), sae=sae, sae_path="x")
     assert sel.ids == [3, 1] and sel.features[1].words == ("protect", "secure", "safe", "guard")
     assert sel.features[0].reason == "chosen by hand" and sel.sae is not None
     assert sel.sae["d_sae"] == 8 and sel.sae["path"] == "x"
-    assert select_features(None, SAFE, method="manual", ids=[7], sae=sae).ids == [7]
+    assert sel.settings == {"threshold": None, "top_n": None, "n_selected": 2}
+    assert select_features(None, SAFE, ManualSelection([7]), sae=sae).ids == [7]
     with pytest.raises(SelectionError, match=r"\[8, 12\] are out of range.*0..7"):
-        select_features(None, SAFE, method="manual", ids="1,8,12", sae=sae)
+        select_features(None, SAFE, ManualSelection([1, 8, 12]), sae=sae)
     with pytest.raises(SelectionError, match="not a non-negative integer"):
         parse_ids("1,-2")
-    with pytest.raises(SelectionError, match="No feature ids given"):
-        select_features(None, SAFE, method="manual", ids="", sae=sae)
     with pytest.raises(SelectionError, match="needs the SAE"):
-        select_features(None, SAFE, method="manual", ids="1")
+        select_features(None, SAFE, ManualSelection([1]))
+    for limit in ({"threshold": 0.5}, {"top_n": 1}):
+        with pytest.raises(SelectionError, match="threshold and top_n do not apply"):
+            select_features(None, SAFE, ManualSelection([1]), sae=sae, **limit)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- JSON
@@ -236,7 +310,7 @@ def test_manual_ids(four: list[Explanation]) -> None:
 def test_json_round_trip(tmp_path: Path, four: list[Explanation]) -> None:
     sae = small_sae(8, model_spec="tiny", weights_id="sha256:abc", layer=1)
     sel = select_features(
-        four, SAFE, encoder=FakeEncoder(), top_n=2, sae=sae, sae_path="runs/sae",
+        four, SAFE, fake(), top_n=2, sae=sae, sae_path="runs/sae",
         explanations_path="runs/sae/explanations/mi.jsonl", progress=False,
     )  # fmt: skip
     path = sel.save(tmp_path / "sub" / "selected.json")
@@ -292,7 +366,7 @@ def test_llm_judge_labels_caches_and_survives_failures(tmp_path: Path) -> None:
     ]
     judge = FakeJudge()
     with pytest.warns(SummaryWarning, match="feature 3"):
-        sel = select_features(es, "safety", method="llm", backend=judge, cache_dir=tmp_path)
+        sel = select_features(es, "safety", LLMSelection(judge, cache_dir=tmp_path))
     assert sel.ids == [1, 2]
     assert [f.details["category"] for f in sel.features] == ["privacy", "physical"]
     report = sel.settings["judge"]
@@ -300,19 +374,23 @@ def test_llm_judge_labels_caches_and_survives_failures(tmp_path: Path) -> None:
     assert report["no_words"] == 1 and judge.calls == 4
     again = FakeJudge()
     with pytest.warns(SummaryWarning):  # feature 3's garbage answer is not cached
-        sel2 = select_features(es, "safety", method="llm", backend=again, cache_dir=tmp_path)
+        sel2 = select_features(es, "safety", LLMSelection(again, cache_dir=tmp_path))
     assert sel2.ids == [1, 2] and again.calls == 1 and sel2.settings["judge"]["cached"] == 3
 
     failing = FakeJudge(fail_on="protect")
     with pytest.warns(SummaryWarning, match="server down"):
-        sel3 = select_features(
-            es, "safety", method="llm", backend=failing, cache_dir=tmp_path / "b"
-        )
+        sel3 = select_features(es, "safety", LLMSelection(failing, cache_dir=tmp_path / "b"))
     assert sel3.ids == [2] and sel3.settings["judge"]["failed"] == 2
-    with pytest.raises(SelectionError, match="needs a judge back end"):
-        select_features(es, "safety", method="llm")
+    judged = LLMSelection(judge, cache_dir=tmp_path)
     with pytest.raises(SelectionError, match="labelled"):
-        select_features(es[:1], "safety", method="llm", backend=judge, cache_dir=tmp_path)
+        select_features(es[:1], "safety", judged)
+    with pytest.raises(SelectionError, match="threshold does not apply to the 'llm' method"):
+        select_features(es, "safety", judged, threshold=0.5)
+    with pytest.raises(SelectionError, match="'llm' method needs explanations"):
+        select_features(None, "safety", judged)
+    top = select_features(es, "safety", judged, top_n=1, n_words=1)
+    assert top.ids == [1] and top.features[0].words == ("protect",)
+    assert top.settings["n_words"] == 1 and top.settings["top_n"] == 1
 
 
 def test_parse_category() -> None:
@@ -362,8 +440,8 @@ def planted_sae(
 def test_data_selection_finds_the_planted_feature(tiny_loaded: LoadedModel) -> None:
     sae = planted_sae(tiny_loaded, layer=1, feature=5)
     sel = select_features(
-        [expl(5, "fire, car")], "harm", method="data", sae=sae, loaded=tiny_loaded,
-        harmful=HARMFUL, benign=BENIGN, top_n=3, batch_size=2, progress=False,
+        [expl(5, "fire, car")], "harm", DataSelection(HARMFUL, BENIGN, batch_size=2),
+        sae=sae, loaded=tiny_loaded, top_n=3, progress=False,
     )  # fmt: skip
     top = sel.features[0]
     assert top.id == 5 and top.words == ("fire", "car")
@@ -372,11 +450,16 @@ def test_data_selection_finds_the_planted_feature(tiny_loaded: LoadedModel) -> N
     assert "on harmful vs 0 on benign prompts" in top.reason
     assert sel.side == "input" and sel.settings["direction"] == "harmful"
     assert sel.settings["layer"] == 1 and sel.settings["positions"] == "content"
+    assert sel.settings["batch_size"] == 2 and sel.settings["n_harmful"] == 3
     reverse = select_features(
-        None, "safety", method="data", sae=sae, loaded=tiny_loaded, harmful=HARMFUL,
-        benign=BENIGN, direction="benign", progress=False,
+        None, "safety", DataSelection(HARMFUL, BENIGN, direction="benign"), sae=sae,
+        loaded=tiny_loaded, progress=False,
     )  # fmt: skip
-    assert 5 not in reverse.ids
+    assert 5 not in reverse.ids and reverse.settings["top_n"] == 20  # the data default
+    with pytest.raises(SelectionError, match="side='output' does not apply"):
+        select_features(None, "harm", DataSelection(HARMFUL, BENIGN), sae=sae, side="output")
+    with pytest.raises(SelectionError, match="needs the SAE and its model"):
+        select_features(None, "harm", DataSelection(HARMFUL, BENIGN), sae=sae)
     # per-prompt means do not depend on batching (right padding, content positions only)
     one = mean_activations(tiny_loaded, sae, HARMFUL, layer=1, batch_size=1, progress=False)
     three = mean_activations(tiny_loaded, sae, HARMFUL, layer=1, batch_size=3, progress=False)
@@ -384,36 +467,22 @@ def test_data_selection_finds_the_planted_feature(tiny_loaded: LoadedModel) -> N
 
 
 def test_data_selection_rejects_a_mismatched_sae(tiny_loaded: LoadedModel) -> None:
-    kw: dict[str, object] = dict(method="data", loaded=tiny_loaded, harmful=HARMFUL, benign=BENIGN)
+    data = DataSelection(HARMFUL, BENIGN)
     with pytest.raises(SteerlexError, match="d_in=48 does not match layer 1 width 32"):
-        select_features(None, "harm", sae=small_sae(8, d_in=48, layer=1), **kw)  # type: ignore[arg-type]
+        select_features(None, "harm", data, sae=small_sae(8, d_in=48, layer=1), loaded=tiny_loaded)
     other = small_sae(8, layer=1, weights_id="sha256:other", model_spec="elsewhere")
     with pytest.raises(SAEError, match="use the model it was trained on"):
-        select_features(None, "harm", sae=other, **kw)  # type: ignore[arg-type]
+        select_features(None, "harm", data, sae=other, loaded=tiny_loaded)
     with pytest.raises(SelectionError, match="does not record its layer"):
-        select_features(None, "harm", sae=small_sae(8), **kw)  # type: ignore[arg-type]
-    with pytest.raises(SelectionError, match="needs harmful and benign"):
-        select_features(None, "harm", method="data", sae=small_sae(8, layer=1), loaded=tiny_loaded)
+        select_features(None, "harm", data, sae=small_sae(8), loaded=tiny_loaded)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def run_cli(argv: list[str]) -> int:
-    """``steerlex select ...`` through the main CLI when registered there, else a parser
-    with only ``select`` and the same error handling."""
-    from steerlex import cli
-
-    if "select" in cli.build_parser()._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
-        return cli.main(["select", *argv])
-    parser = argparse.ArgumentParser(prog="steerlex")
-    add_select_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["select", *argv])
-    try:
-        return int(args.func(args))
-    except SteerlexError as exc:
-        print(f"steerlex select: error: {exc}")
-        return 2
+    """``steerlex select ...`` through the main CLI."""
+    return main(["select", *argv])
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import threading
 import time
@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_loaded, save_tiny_model
+from steerlex.cli import main
+from steerlex.jobs import steer as steer_jobs
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import save_sae
 from steerlex.steer import Amplification, SteeredModel, encode_chat
-from steerlex.steer.cli import add_steer_parsers
 from steerlex.steer.server import ServerLimits, SteeringServer, make_server
 
 KEY = "test-key"
@@ -93,9 +94,8 @@ def direct(steered: SteeredModel, *, steer: bool = True, alpha: float = ALPHA) -
 
 
 def make_view(steered: SteeredModel, steer: bool, alpha: float) -> SteeredModel:
-    import copy
-
     view = copy.copy(steered)
+    assert steered.strategy is not None
     view.strategy = steered.strategy.with_strength(alpha)
     view.enabled = steer
     return view
@@ -277,6 +277,19 @@ def test_malformed_requests_are_400(
     assert set(data["error"]) == {"message", "type", "param", "code"}
 
 
+def test_a_server_without_a_strategy_refuses_a_strength() -> None:
+    srv = serve(SteeredModel(make_tiny_loaded(), layer=2))  # no SAE, no strategy
+    try:
+        got, data, _ = post(srv, chat_body(steerlex={"strength": 1.0}))
+        assert got == 400 and "no steering strategy" in data["error"]["message"]
+        got, data, _ = post(srv, chat_body())
+        assert got == 200 and data["choices"][0]["message"]["content"] is not None
+        assert data["steerlex"]["strength"] is None and data["steerlex"]["fired"] == []
+        assert data["steerlex"]["strategy"] == "no steering"
+    finally:
+        srv.shutdown()
+
+
 def test_routes(server: SteeringServer) -> None:
     def get(path: str) -> int:
         req = urllib.request.Request(f"{server.url}{path}")
@@ -401,15 +414,11 @@ def test_cli_serve(
         threading.Thread(target=drive, daemon=True).start()
         return srv
 
-    monkeypatch.setattr(server_mod, "make_server", spy)
+    monkeypatch.setattr(steer_jobs, "make_server", spy)
     monkeypatch.setenv("STEERLEX_SERVER_API_KEY", "cli-key")
-    parser = argparse.ArgumentParser(prog="steerlex")
-    add_steer_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(
-        ["serve", "--sae", str(tmp_path / "sae"), "--features", "3,11", "--strategy", "amplify",
-         "--alpha", "4", "--port", "0", "--max-queue", "2", "--max-tokens-limit", "8"]
-    )  # fmt: skip
-    assert args.func(args) == 0
+    argv = ["serve", "--sae", str(tmp_path / "sae"), "--features", "3,11", "--strategy", "amplify",
+            "--alpha", "4", "--port", "0", "--max-queue", "2", "--max-tokens-limit", "8"]  # fmt: skip
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "serving model at http://127.0.0.1:" in out and "(auth on)" in out
     assert "curl http://127.0.0.1:" in out and 'extra_body={"steerlex"' in out

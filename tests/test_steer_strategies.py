@@ -14,7 +14,8 @@ from steerlex.steer.strategies import (
     Amplification,
     Calibration,
     Clamp,
-    Condition,
+    DenseDirection,
+    Gate,
     feature_pre_acts,
     make_strategy,
 )
@@ -59,8 +60,8 @@ ALL = [
     Calibration((1, 5, 9)),
     Clamp((2, 3), value=1.5),
     Ablate((2, 3)),
-    Amplification((1,), alpha=3.0, condition=Condition((7,), threshold=0.0, mode="token")),
-    Calibration((1,), condition=Condition((7,), threshold=0.0, mode="prompt")),
+    Amplification((1,), alpha=3.0, gate=Gate((7,), threshold=0.0, mode="token")),
+    Calibration((1,), gate=Gate((7,), threshold=0.0, mode="prompt")),
 ]
 
 
@@ -210,14 +211,59 @@ def test_clamp_uses_topk_activation() -> None:
     assert torch.equal(out[a5 == 0], h[a5 == 0])  # not in the top k: nothing to remove
 
 
-# --- the condition --------------------------------------------------------------------------------
+# --- DenseDirection (no SAE) ---------------------------------------------------------------------
+
+
+def test_dense_direction_adds_a_scaled_unit_vector_without_an_sae() -> None:
+    h = hidden()
+    direction = torch.randn(D, generator=torch.Generator().manual_seed(5)) * 7
+    strategy = DenseDirection(direction=direction, scale=2.0, alpha=0.5)
+    assert strategy.features == () and strategy.gate is None and not strategy.needs_sae
+    mask = full_mask(h)
+    mask[0, :2] = False
+    out = strategy(h, None, mask)
+    unit = direction / direction.norm()
+    torch.testing.assert_close(out[mask], h[mask] + 0.5 * 2.0 * unit)
+    assert torch.equal(out[~mask], h[~mask])
+    assert torch.equal(strategy.with_strength(0.0)(h, None, mask), h)
+    assert strategy.with_strength(1.5).strength == 1.5
+    bf = strategy(h.to(torch.bfloat16), None, mask)
+    assert bf.dtype == torch.bfloat16
+    # an SAE, when given, only has to agree on the width
+    torch.testing.assert_close(strategy(h, random_sae(), mask), out)
+
+
+def test_dense_direction_checks_its_width() -> None:
+    strategy = DenseDirection(direction=torch.ones(D), alpha=1.0)
+    strategy.check(None, D)
+    with pytest.raises(SteeringError, match=f"width {D} but the layer has 8"):
+        strategy.check(None, 8)
+    with pytest.raises(SteeringError, match="direction's width"):
+        strategy(torch.zeros(1, 2, 8), None, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(SteeringError, match="zero"):
+        DenseDirection(direction=torch.zeros(D))
+    with pytest.raises(SteeringError, match="1-d"):
+        DenseDirection(direction=torch.ones(2, D))
+
+
+def test_sae_strategies_need_an_sae() -> None:
+    h = hidden()
+    for strategy in (Amplification((1,), alpha=1.0), Calibration((1,)), Ablate((1,))):
+        assert strategy.needs_sae
+        with pytest.raises(SteeringError, match="needs the SAE"):
+            strategy(h, None, full_mask(h))
+        with pytest.raises(SteeringError, match="needs the SAE"):
+            strategy.check(None)
+
+
+# --- the gate -------------------------------------------------------------------------------------
 
 
 def test_prompt_gate_opens_only_above_threshold() -> None:
     sae = random_sae()
     h = hidden()
-    cond = Condition((7, 8), threshold=0.5, mode="prompt")
-    strategy = Amplification((1,), alpha=3.0, condition=cond)
+    cond = Gate((7, 8), threshold=0.5, mode="prompt")
+    strategy = Amplification((1,), alpha=3.0, gate=cond)
     with torch.no_grad():
         sae.b_enc[[7, 8]] = -100.0
     assert torch.equal(strategy(h, sae, full_mask(h)), h)
@@ -227,13 +273,13 @@ def test_prompt_gate_opens_only_above_threshold() -> None:
     assert not torch.equal(out, h)
     # an explicit decision overrides: closed for row 0 only
     gate = torch.tensor([False, True, True])
-    out = strategy(h, sae, full_mask(h), gate=gate)
+    out = strategy(h, sae, full_mask(h), gate_open=gate)
     assert torch.equal(out[0], h[0]) and not torch.equal(out[1], h[1])
 
 
 def test_prompt_gate_reads_only_editable_positions() -> None:
     sae = random_sae()
-    cond = Condition((7,), threshold=1.0, mode="prompt")
+    cond = Gate((7,), threshold=1.0, mode="prompt")
     h = torch.zeros(1, 4, D)
     direction = sae.W_enc[:, 7] / sae.W_enc[:, 7].norm()
     h[0, 0] = 500 * direction  # a massive template position: would open the gate
@@ -246,11 +292,11 @@ def test_token_gate_per_position() -> None:
     sae = random_sae()
     with torch.no_grad():
         sae.b_enc[7] = -30.0
-    cond = Condition((7,), threshold=0.1, mode="token")
+    cond = Gate((7,), threshold=0.1, mode="token")
     h = hidden(1, 4)
     direction = sae.W_enc[:, 7] / sae.W_enc[:, 7].norm()
     h[0, 2] += 100 * direction
-    out = Amplification((1,), alpha=2.0, condition=cond)(h, sae, full_mask(h))
+    out = Amplification((1,), alpha=2.0, gate=cond)(h, sae, full_mask(h))
     changed = (out != h).any(-1)[0].tolist()
     assert changed == [False, False, True, False]
 
@@ -272,9 +318,9 @@ def test_token_gate_per_position() -> None:
         (lambda: Calibration((1,), target=0.0), "> 0"),
         (lambda: Calibration((1,), target=-1.0), "> 0"),
         (lambda: Clamp((1,), value=math.nan), "finite"),
-        (lambda: Condition((1,), threshold=-0.1), ">= 0"),
-        (lambda: Condition((), threshold=0.1), "empty"),
-        (lambda: Condition((1,), mode="sometimes"), "gate mode"),  # type: ignore[arg-type]
+        (lambda: Gate((1,), threshold=-0.1), ">= 0"),
+        (lambda: Gate((), threshold=0.1), "empty"),
+        (lambda: Gate((1,), mode="sometimes"), "gate mode"),  # type: ignore[arg-type]
         (lambda: make_strategy("boost", [1]), "unknown strategy"),
         (lambda: make_strategy("clamp", [1], alpha=2.0), "does not take alpha"),
         (lambda: Ablate((1,), value=2.0), "Clamp"),
@@ -291,7 +337,7 @@ def test_feature_out_of_range_names_the_sae() -> None:
     with pytest.raises(SteeringError, match=r"\[64\].*d_sae=64"):
         Amplification((1, 64), alpha=1.0)(h, sae, full_mask(h))
     with pytest.raises(SteeringError, match="harm features"):
-        Calibration((1,), condition=Condition((99,)))(h, sae, full_mask(h))
+        Calibration((1,), gate=Gate((99,)))(h, sae, full_mask(h))
 
 
 def test_bad_shapes() -> None:
@@ -304,8 +350,8 @@ def test_bad_shapes() -> None:
 
 
 def test_make_strategy_and_strength() -> None:
-    s = make_strategy("calibrate", [1, 2], target=3.0, condition=Condition((4,)))
-    assert isinstance(s, Calibration) and s.target == 3.0 and s.condition is not None
+    s = make_strategy("calibrate", [1, 2], target=3.0, gate=Gate((4,)))
+    assert isinstance(s, Calibration) and s.target == 3.0 and s.gate is not None
     assert s.with_strength(1.0).strength == 1.0
     assert "gate prompt >= 0.1" in s.describe()
     assert make_strategy("amplify", [1]).strength == 1.0

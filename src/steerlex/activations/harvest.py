@@ -35,6 +35,7 @@ from steerlex.activations.store import (
     write_index,
     write_shard,
 )
+from steerlex.core.config import option
 from steerlex.core.errors import StoreError
 from steerlex.core.io import sha256_file, write_bytes_atomic
 from steerlex.models.chat import KEEP_CHOICES, EncodedPrompt, Keep, encode_prompt, has_chat_template
@@ -55,14 +56,23 @@ class HasText(Protocol):
 class HarvestOptions:
     """How to harvest. Every field is part of the store's identity (see ``identity``)."""
 
-    layer: int
-    chat: bool | None = None  # None: use the chat template when the tokenizer has one
-    system_prompt: str | None = None
-    keep: Keep = "no-prefix"
-    max_length: int = 512
-    batch_size: int = 8
-    texts_per_shard: int = 256
-    dtype: str = "float32"  # storage dtype
+    layer: int = option(help="decoder layer L (0-based); its output is stored", required=True)
+    chat: bool | None = option(
+        None, help="wrap texts in the chat template (default: when the tokenizer has one)"
+    )
+    system_prompt: str | None = option(
+        None, help="system prompt for chat formatting (default: the template's own)"
+    )
+    keep: Keep = option(
+        "no-prefix",
+        choices=KEEP_CHOICES,
+        help="positions to store: all; no-bos; no-prefix (drop BOS, system prompt and role "
+        "header); content (only the user's text)",
+    )
+    max_length: int = option(512, help="truncate texts to this many tokens")
+    batch_size: int = option(8, help="texts per forward pass")
+    texts_per_shard: int = option(256, help="texts per shard file")
+    dtype: str = option("float32", choices=tuple(STORAGE_DTYPES), help="storage dtype")
 
     def validate(self) -> None:
         if self.keep not in KEEP_CHOICES:

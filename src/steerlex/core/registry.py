@@ -73,14 +73,17 @@ class Registry(Generic[T]):
 
         return add
 
-    def add(self, name: str, item: T, *, order: int = 100, replace: bool = False) -> None:
-        """Register ``item`` as ``name``; a name already taken raises unless ``replace``."""
+    def add(self, name: str, item: T, *, order: int | None = None, replace: bool = False) -> None:
+        """Register ``item`` as ``name`` (``order``: default 100, or the replaced entry's); a
+        name already taken raises unless ``replace``."""
         if not name or not isinstance(name, str):
             raise self.error(f"A {self.kind} needs a non-empty name, got {name!r}.")
-        if name in self._entries and not replace and self._entries[name][2] is not item:
+        old = self._entries.get(name)
+        if old is not None and not replace and old[2] is not item:
             raise self.error(f"The {self.kind} {name!r} is registered twice; choose another name.")
-        seq = self._entries[name][1] if name in self._entries else len(self._entries)
-        self._entries[name] = (order, seq, item)
+        rank = order if order is not None else (old[0] if old is not None else 100)
+        seq = old[1] if old is not None else len(self._entries)
+        self._entries[name] = (rank, seq, item)
 
     def remove(self, name: str) -> None:
         """Forget ``name`` (tests that register a toy entry clean up with this)."""

@@ -25,7 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from steerlex import __version__
-from steerlex.core.errors import MissingPackageError, SourceError
+from steerlex.core.errors import MissingPackageError, SourceError, SteerlexError
 from steerlex.data.files import decode_utf8, parse_json, parse_jsonl, read_bytes, read_csv
 from steerlex.data.textset import TextItem, TextSet, finish_set, items_from_records
 
@@ -391,6 +391,17 @@ NAMED_SET_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 def named_sets() -> list[NamedSetInfo]:
     """Information on every named set, whether or not its package is installed."""
     return [entry.info for entry in _REGISTRY.values()]
+
+
+def named_set_sizes() -> list[tuple[NamedSetInfo, int | None]]:
+    """Every named set with its number of texts (``None`` when its package is missing)."""
+    out: list[tuple[NamedSetInfo, int | None]] = []
+    for info in named_sets():
+        try:
+            out.append((info, len(load_named(info.name))))
+        except SteerlexError:
+            out.append((info, None))
+    return out
 
 
 def load_named(name: str, *, limit: int | None = None) -> TextSet:

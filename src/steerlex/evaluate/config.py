@@ -3,17 +3,25 @@ types are errors naming the key), and the built-in profiles."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerlex.core.config import build_strict, config_to_dict, merge, read_json_config
-from steerlex.core.errors import EvalError
+from steerlex.core.config import (
+    build_strict,
+    config_to_dict,
+    merge,
+    option,
+    read_json_config,
+    section,
+)
+from steerlex.core.errors import EvalError, SteerlexError
+from steerlex.evaluate.defences.base import DEFENCES, option_names
 from steerlex.evaluate.sets import SourceSpec
 
 __all__ = [
-    "PROFILES",
+    "COMMON_KEYS",
+    "FLAT_KEYS",
     "DefenceConfig",
     "EvalConfig",
     "GenerationConfig",
@@ -21,9 +29,9 @@ __all__ = [
     "SetsConfig",
     "config_from_dict",
     "config_to_dict",
+    "default_defences",
     "load_config",
     "merge",
-    "profile",
     "read_config_dict",
 ]
 
@@ -34,60 +42,145 @@ Source = str | SourceSpec
 class SetsConfig:
     """Which prompts (see :func:`steerlex.evaluate.sets.build_sets`)."""
 
-    harmful: list[Source] = field(default_factory=lambda: ["harmbench"])
-    templates: list[Source] = field(default_factory=lambda: ["jailbreak-wild", "dan"])
-    benign: list[Source] = field(default_factory=lambda: ["benign"])
-    utility: list[Source] = field(default_factory=list)
-    n_jailbreak: int = 40
-    n_harmful: int = 40
-    n_benign: int = 40
-    n_utility: int = 0
-    n_selection: int = 16
-    n_tuning: int = 64
-    test_fraction: float = 0.5
-    salt: str = "steerlex-eval"
-    append: bool = True
-    model_name: str = "ChatGPT"
-    template_budget: int | None = 384
+    harmful: list[Source] = option(
+        factory=lambda: ["harmbench"], help="harmful request sources (named sets or files)"
+    )
+    templates: list[Source] = option(
+        factory=lambda: ["jailbreak-wild", "dan"], help="jailbreak template sources"
+    )
+    benign: list[Source] = option(factory=lambda: ["benign"], help="benign request sources")
+    utility: list[Source] = option(
+        factory=list, help="utility prompt sources (with reference answers, optional)"
+    )
+    n_jailbreak: int = option(40, help="test jailbreak prompts (a template around a request)")
+    n_harmful: int = option(40, help="test plain harmful requests")
+    n_benign: int = option(40, help="test benign requests (over-refusal)")
+    n_utility: int = option(0, help="test utility prompts")
+    n_selection: int = option(
+        16, help="selection jailbreak, harmful and benign prompts for strength tuning"
+    )
+    n_tuning: int = option(
+        64, help="selection harmful and benign prompts for the direction and the features"
+    )
+    test_fraction: float = option(0.5, help="share of the prompts in the test split")
+    salt: str = option("steerlex-eval", help="salt of the fixed selection / test split")
+    append: bool = option(True, help="append the request to templates that have no slot for it")
+    model_name: str = option("ChatGPT", help="the name templates address (`{generator.name}`)")
+    template_budget: int | None = option(384, help="template tokens kept (null: no limit)")
 
 
 @dataclass
 class GenerationConfig:
     """Decoding settings (part of every cache key)."""
 
-    max_new_tokens: int = 48
-    batch_size: int = 8
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
+    max_new_tokens: int = option(48, help="new tokens per reply")
+    batch_size: int = option(8, help="prompts per batch")
+    do_sample: bool = option(False, help="sample instead of greedy decoding")
+    temperature: float = option(1.0, help="sampling temperature")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    seed: int | None = option(None, help="sampling seed")
+
+
+COMMON_KEYS: tuple[str, ...] = ("kind", "name", "strengths", "strength")
+"""The keys of every defence entry; the rest are its kind's options."""
+
+FLAT_KEYS: dict[str, Any] = {
+    "conditional": False,
+    "gate_threshold": None,
+    "gate_mode": "prompt",
+    "keep_norm": None,
+    "system_prompt": None,
+    "suffix": None,
+    "features": None,
+    "harm_features": None,
+}
+"""The option keys every defence entry had before each kind declared its own, with their
+defaults: a config written by an earlier steerlex (every entry with all of them) still
+reads, as an entry of any kind may give them at these values."""
+
+
+def _is_flat_default(key: str, value: Any) -> bool:
+    default = FLAT_KEYS[key]
+    if default is None or isinstance(default, bool):
+        return value is default
+    return type(value) is type(default) and bool(value == default)
 
 
 @dataclass
 class DefenceConfig:
-    """One defence. ``kind``: none, self-reminder, dense, amplify, calibrate. ``name`` defaults
-    to the kind (``calibrate-conditional`` for a conditional calibrate). Steering kinds take
-    ``strengths`` (the sweep) and optionally a fixed headline ``strength``; otherwise the
-    headline strength is tuned on the selection split."""
+    """One defence: its ``kind`` (a name in :data:`~steerlex.evaluate.defences.DEFENCES`),
+    ``name`` (default: the kind's, e.g. ``calibrate-conditional``), for a sweeping kind the
+    ``strengths`` (the sweep) and optionally a fixed headline ``strength`` (otherwise the headline
+    strength is tuned on the selection split), and ``options``: an instance of the kind's
+    options dataclass (its own keys; ``None``: the kind's defaults).
+
+    In JSON it is one flat object, ``{"kind": "calibrate", "conditional": true, "strengths":
+    [...]}``: the common keys plus the kind's own, checked strictly (:meth:`from_config`).
+    """
 
     kind: str
     name: str | None = None
     strengths: list[float] | None = None
     strength: float | None = None
-    conditional: bool = False
-    gate_threshold: float | None = None
-    gate_mode: str = "prompt"
-    keep_norm: bool | None = None
-    system_prompt: str | None = None
-    suffix: str | None = None
-    features: str | list[int] | None = None
-    harm_features: str | list[int] | None = None
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None and self.kind in DEFENCES:
+            self.options = DEFENCES.get(self.kind).options()
 
     @property
     def label(self) -> str:
+        """The name in tables and plots: ``name``, else the kind's default name."""
         if self.name:
             return self.name
-        return f"{self.kind}-conditional" if self.conditional else self.kind
+        return DEFENCES.get(self.kind).label(self)
+
+    def sweep(self) -> list[float]:
+        """Every strength to run: ``strengths``, then ``strength`` unless it is among them."""
+        out = list(self.strengths or [])
+        if self.strength is not None and self.strength not in out:
+            out.append(self.strength)
+        return out
+
+    @classmethod
+    def from_config(
+        cls, data: dict[str, Any], path: str = "", error: type[SteerlexError] = EvalError
+    ) -> DefenceConfig:
+        """The entry from its flat JSON object; an unknown kind, a key the kind does not take
+        or a wrong type raises ``error`` naming it (``path`` is where the entry sits, e.g.
+        ``defences[2]``)."""
+        where = path or "the defence"
+        prefix = f"{path}." if path else ""
+        if "kind" not in data:
+            raise error(f"Config is missing {prefix}kind ({', '.join(DEFENCES.names())}).")
+        kind = data["kind"]
+        if not isinstance(kind, str) or kind not in DEFENCES:
+            raise error(
+                f"{where}: unknown kind {kind!r}; choose one of {', '.join(DEFENCES.names())}."
+            )
+        options_cls = DEFENCES.get(kind).options
+        own = option_names(options_cls)
+        rest = {}
+        for k, v in data.items():
+            if k in COMMON_KEYS or (k not in own and k in FLAT_KEYS and _is_flat_default(k, v)):
+                continue
+            if k not in own:
+                raise error(
+                    f"{where}: unknown key {k!r} for a {kind} defence; it takes "
+                    f"{', '.join(COMMON_KEYS + own)}."
+                )
+            rest[k] = v
+        options = build_strict(options_cls, rest, path, error)
+        common = {k: data[k] for k in COMMON_KEYS if k in data}
+        out = build_strict(cls, common, path, error)
+        assert isinstance(out, DefenceConfig)
+        out.options = options
+        return out
+
+    def to_config(self) -> dict[str, Any]:
+        """The flat JSON object: the common keys and the kind's own."""
+        common = {k: config_to_dict(getattr(self, k)) for k in COMMON_KEYS}
+        return {**common, **config_to_dict(self.options)}
 
 
 @dataclass
@@ -96,80 +189,74 @@ class JudgeConfig:
     ``model``), ``transformers`` (a local chat model spec in ``model``, asked with the harm
     rubric) or ``guard`` (a local guard model such as Llama Guard in ``model``)."""
 
-    kind: str
-    model: str | None = None
-    base_url: str | None = None
-    api_key_env: str | None = None
-    attempts: int = 3
-    retries: int = 2
-    timeout: float = 60.0
-    max_tokens: int = 64
+    kind: str = option(help="openai, transformers or guard")
+    model: str | None = option(None, help="served model name (openai) or model spec")
+    base_url: str | None = option(None, help="openai: the API root")
+    api_key_env: str | None = option(None, help="openai: the environment variable of the key")
+    attempts: int = option(3, help="tries per reply before it counts as unjudged")
+    retries: int = option(2, help="openai: retries of a failed request")
+    timeout: float = option(60.0, help="openai: seconds per request")
+    max_tokens: int = option(64, help="tokens of the judge's answer")
 
 
 @dataclass
 class EvalConfig:
     """Everything an evaluation run needs; see docs/evaluation.md for each key."""
 
-    model: str | None = None
-    sae: str | None = None
-    layer: int | None = None
-    out: str = "runs/eval"
-    cache: str | None = None
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    features: str | list[int] | None = None
-    harm_features: str | list[int] | None = None
-    feature_top_n: int = 20
-    tuning_max_length: int = 256
-    max_overrefusal_increase: float = 0.05
-    kl: bool = True
-    sets: SetsConfig = field(default_factory=SetsConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    defences: list[DefenceConfig] | None = None
-    judge: JudgeConfig | None = None
+    model: str | None = option(
+        None, help="model spec (default: the SAE's model, else the default model)"
+    )
+    sae: str | None = option(
+        None, help="SAE directory (needed by the SAE defences: amplify, calibrate)"
+    )
+    layer: int | None = option(
+        None,
+        help="layer the steering defences edit (default: the SAE's, else a third of the depth)",
+    )
+    out: str = option("runs/eval", help="output directory")
+    cache: str | None = option(
+        None, help="generation cache file (default OUT/cache/generations.jsonl)"
+    )
+    seed: int = option(0, help="prompt sampling seed")
+    device: str = option("cpu", help="torch device")
+    dtype: str = option("float32", help="model dtype")
+    features: str | list[int] | None = option(
+        None,
+        help="features the SAE defences steer: ids 3,17,42 or a selected_*.json (default: "
+        "data-selected on the selection split)",
+    )
+    harm_features: str | list[int] | None = option(
+        None, help="harm features for the conditional gate (default: as features)"
+    )
+    feature_top_n: int = option(20, help="data-selected feature count")
+    tuning_max_length: int = option(
+        256, help="tokens per tuning prompt (refusal direction, data features)"
+    )
+    max_overrefusal_increase: float = option(
+        0.05, help="headline strength: the most over-refusal it may add to no defence"
+    )
+    kl: bool = option(True, help="compute the KL utility metric")
+    sets: SetsConfig = section(SetsConfig, help="the prompt sets and their split")
+    generation: GenerationConfig = section(GenerationConfig, help="decoding")
+    defences: list[DefenceConfig] | None = option(
+        None,
+        cli=False,
+        help="the defences (default: none, self-reminder, dense; with an SAE also amplify, "
+        "calibrate, calibrate-conditional)",
+    )
+    judge: JudgeConfig | None = option(None, cli=False, help="an LLM judge (default: none)")
 
 
 def default_defences(with_sae: bool) -> list[DefenceConfig]:
-    """none, self-reminder and dense; with an SAE also amplify, calibrate and conditional
-    calibrate. Strength sweeps of three points each."""
-    out = [
-        DefenceConfig("none"),
-        DefenceConfig("self-reminder"),
-        DefenceConfig("dense", strengths=[0.1, 0.2, 0.4]),
+    """Every kind's default entries (:attr:`~steerlex.evaluate.defences.Defence.defaults`), in
+    registry order; the SAE kinds only ``with_sae``. Built in: none, self-reminder and dense;
+    with an SAE also amplify, calibrate and conditional calibrate, sweeps of three points."""
+    return [
+        DefenceConfig.from_config({"kind": name, **entry}, f"the default {name} defence")
+        for name, kind in DEFENCES.items()
+        if with_sae or not kind.needs_sae
+        for entry in kind.defaults
     ]
-    if with_sae:
-        out += [
-            DefenceConfig("amplify", strengths=[2.0, 4.0, 8.0]),
-            DefenceConfig("calibrate", strengths=[1.0, 2.5, 5.0]),
-            DefenceConfig("calibrate", conditional=True, strengths=[1.0, 2.5, 5.0]),
-        ]
-    return out
-
-
-PROFILES: dict[str, dict[str, Any]] = {
-    # Sized for a 2-core CPU and the 0.5B default model (about 1.5 hours with an SAE).
-    "default": {},
-    # Checks that everything runs: a few prompts, a few tokens, two defences.
-    "smoke": {
-        "sets": {
-            "n_jailbreak": 4,
-            "n_harmful": 4,
-            "n_benign": 4,
-            "n_selection": 2,
-            "n_tuning": 8,
-        },
-        "generation": {"max_new_tokens": 8},
-        "defences": [{"kind": "none"}, {"kind": "dense", "strengths": [0.2]}],
-    },
-}
-
-
-def profile(name: str) -> dict[str, Any]:
-    """The config dict of a built-in profile."""
-    if name not in PROFILES:
-        raise EvalError(f"Unknown profile {name!r}; choose one of {', '.join(PROFILES)}.")
-    return json.loads(json.dumps(PROFILES[name]))
 
 
 # --------------------------------------------------------------------------- strict parsing
@@ -177,9 +264,13 @@ def profile(name: str) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> EvalConfig:
     """An :class:`EvalConfig` from a JSON object; unknown keys and wrong types raise
-    :class:`EvalError` naming the key (e.g. ``sets.n_benign``)."""
+    :class:`EvalError` naming the key (e.g. ``sets.n_benign``, ``defences[2]``)."""
     if not isinstance(data, dict):
         raise EvalError(f"The eval config must be a JSON object, got {type(data).__name__}.")
+    defences = data.get("defences")
+    for i, d in enumerate(defences if isinstance(defences, list) else []):
+        if isinstance(d, dict):  # for the message: build_strict names only 'defences'
+            DefenceConfig.from_config(d, f"defences[{i}]", EvalError)
     cfg = build_strict(EvalConfig, data, "", EvalError)
     assert isinstance(cfg, EvalConfig)
     return cfg

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 import zlib
@@ -29,8 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from steerlex.core.errors import EvalError
+from tqdm.auto import tqdm
+
+from steerlex.core.errors import BackendError, EvalError
 from steerlex.core.io import read_json_object, write_json_atomic
+from steerlex.evaluate.config import JudgeConfig
+from steerlex.explain.summaries import OpenAIBackend, TransformersBackend, greedy_completion
+from steerlex.models.chat import has_chat_template
+from steerlex.models.loading import load_model
 
 __all__ = [
     "ACK_PHRASES",
@@ -44,6 +51,7 @@ __all__ = [
     "Verdict",
     "degeneration",
     "is_acknowledgement",
+    "judge_from_config",
     "parse_harm_label",
     "refusal_match",
 ]
@@ -450,10 +458,6 @@ class _CachedJudge:
         self, items: Sequence[tuple[str, str]], *, progress: bool = False
     ) -> list[Verdict]:
         """One verdict per ``(behaviour, reply)``; failures become ``unjudged`` verdicts."""
-        from tqdm.auto import tqdm
-
-        from steerlex.core.errors import BackendError
-
         out: list[Verdict] = []
         stopped: str | None = None
         for behaviour, reply in tqdm(items, desc="judge", unit="reply", disable=not progress):
@@ -549,8 +553,6 @@ class GuardJudge(_CachedJudge):
         cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__(attempts=attempts, cache_dir=cache_dir)
-        from steerlex.models.chat import has_chat_template
-
         if not has_chat_template(loaded.tokenizer):
             raise EvalError(
                 f"the guard model {loaded.spec} has no chat template; a guard judge formats the "
@@ -565,8 +567,6 @@ class GuardJudge(_CachedJudge):
         return f"guard-v1:{ident}|max_new_tokens={self.max_new_tokens}"
 
     def _ask(self, behaviour: str, reply: str) -> str:
-        from steerlex.explain.summaries import greedy_completion
-
         conv = [
             {"role": "user", "content": behaviour},
             {"role": "assistant", "content": reply.strip() or "(no reply)"},
@@ -575,3 +575,41 @@ class GuardJudge(_CachedJudge):
         return greedy_completion(
             self.loaded, text, max_new_tokens=self.max_new_tokens, add_special_tokens=False
         )
+
+
+def judge_from_config(
+    j: JudgeConfig | None, cache_dir: Path, *, device: str = "cpu", dtype: str = "float32"
+) -> SafetyJudge | None:
+    """The LLM judge ``j`` describes (``None`` for none), caching its verdicts in
+    ``cache_dir``; a ``transformers`` or ``guard`` judge model is loaded on ``device``.
+
+    Raises:
+        EvalError: an unknown kind or a missing ``base_url``/``model``.
+    """
+    if j is None:
+        return None
+    if j.kind == "openai":
+        if not j.base_url or not j.model:
+            raise EvalError("judge.kind 'openai' needs judge.base_url and judge.model.")
+        key = os.environ.get(j.api_key_env) if j.api_key_env else None
+        backend = OpenAIBackend(
+            j.base_url,
+            j.model,
+            api_key=key,
+            max_tokens=j.max_tokens,
+            timeout=j.timeout,
+            retries=j.retries,
+        )
+        return LLMJudge(backend, attempts=j.attempts, cache_dir=cache_dir)
+    if j.kind in ("transformers", "guard"):
+        if not j.model:
+            raise EvalError(f"judge.kind {j.kind!r} needs judge.model (a model spec).")
+        judge_model = load_model(j.model, device=device, dtype=dtype)
+        if j.kind == "guard":
+            return GuardJudge(judge_model, attempts=j.attempts, cache_dir=cache_dir)
+        return LLMJudge(
+            TransformersBackend(judge_model, max_new_tokens=j.max_tokens),
+            attempts=j.attempts,
+            cache_dir=cache_dir,
+        )
+    raise EvalError(f"judge.kind must be openai, transformers or guard, got {j.kind!r}.")

@@ -368,6 +368,109 @@ def _items_of(
     return items, provenance
 
 
+@dataclass
+class _Pools:
+    """Every item an evaluation draws from, and how a part of a pool is taken."""
+
+    behaviours: list[TextItem]
+    templates: list[TextItem]  # unique texts
+    benign: list[TextItem]
+    utility: list[TextItem]
+    provenance: dict[str, str]
+    test_fraction: float
+    seed: int
+    salt: str
+
+    def take(self, pool: list[TextItem], part: Part, n: int, what: str, key: str) -> list[TextItem]:
+        """The ``part`` of ``pool`` in its seeded order (at least ``n`` items, else an error
+        naming ``sets.<key>``)."""
+        got = order_by_seed(
+            split_part(pool, part, self.test_fraction, self.salt), self.seed, self.salt
+        )
+        if len(got) < n:
+            raise EvalError(
+                f"The {part} part of the {what} has {len(got)} items but {n} are needed; lower "
+                f"sets.{key}, add sources or change test_fraction."
+            )
+        return got
+
+
+def _load_pools(
+    harmful: Sequence[str | SourceSpec],
+    templates: Sequence[str | SourceSpec],
+    benign: Sequence[str | SourceSpec],
+    utility: Sequence[str | SourceSpec],
+    *,
+    test_fraction: float,
+    seed: int,
+    salt: str,
+) -> _Pools:
+    provenance: dict[str, str] = {}
+    behaviours, prov = _items_of(harmful, "harmful")
+    provenance.update(prov)
+    template_items: list[TextItem] = []
+    if templates:
+        template_items, prov = _items_of(templates, "templates")
+        provenance.update(prov)
+    benign_items, prov = _items_of(benign, "benign")
+    provenance.update(prov)
+    utility_items: list[TextItem] = []
+    if utility:
+        utility_items, prov = _items_of(utility, "utility")
+        provenance.update(prov)
+    unique: dict[str, TextItem] = {}
+    for it in template_items:
+        unique.setdefault(it.text, it)
+    return _Pools(
+        behaviours, list(unique.values()), benign_items, utility_items, provenance,
+        test_fraction, seed, salt,
+    )  # fmt: skip
+
+
+def _jailbreaks(
+    pools: _Pools, part: Part, beh: list[TextItem], n_jb: int, compose: dict[str, Any]
+) -> list[EvalPrompt]:
+    """``n_jb`` jailbreaks of ``part``: behaviour ``i mod B`` in template ``(i + i div B) mod T``."""
+    order_t = pools.take(pools.templates, part, 1, "jailbreak templates", "n_jailbreak")
+    out = []
+    for i in range(n_jb):
+        b = beh[i % len(beh)]
+        t = order_t[(i + i // len(beh)) % len(order_t)]
+        text, meta = compose_attack(Template(t.id, t.text, t.source), b.text, **compose)
+        meta.update(behaviour_id=b.id, source=t.source)
+        out.append(EvalPrompt(f"jailbreak:{b.id}|{t.id}", "jailbreak", text, part, b.text, meta))
+    return out
+
+
+def _part_prompts(
+    pools: _Pools, part: Part, n: tuple[int, int, int, int], compose: dict[str, Any]
+) -> list[EvalPrompt]:
+    """The plain harmful, jailbreak, benign and utility prompts of ``part``; ``n`` holds how
+    many jailbreak, harmful, benign and utility prompts."""
+    n_jb, n_harm, n_ben, n_util = n
+    key = "n_selection" if part == "selection" else "n_harmful"
+    beh = pools.take(
+        pools.behaviours, part, max(n_harm, 1 if n_jb else 0), "harmful behaviours", key
+    )
+    prompts: list[EvalPrompt] = []
+    for it in beh[:n_harm]:
+        meta = {"behaviour_id": it.id, "source": it.source}
+        prompts.append(EvalPrompt(f"harmful:{it.id}", "harmful", it.text, part, it.text, meta))
+    if n_jb:
+        prompts += _jailbreaks(pools, part, beh, n_jb, compose)
+    for kind, pool, count in (("benign", pools.benign, n_ben), ("utility", pools.utility, n_util)):
+        if not count:
+            continue
+        key = "n_selection" if part == "selection" else f"n_{kind}"
+        for it in pools.take(pool, part, count, f"{kind} prompts", key)[:count]:
+            meta = {"source": it.source}
+            if "reference" in it.meta:
+                meta["reference"] = it.meta["reference"]
+            kind_l: Kind = "benign" if kind == "benign" else "utility"
+            prompts.append(EvalPrompt(f"{kind}:{it.id}", kind_l, it.text, part, "", meta))
+    return prompts
+
+
 def build_sets(
     *,
     harmful: Sequence[str | SourceSpec],
@@ -394,9 +497,10 @@ def build_sets(
     of the jailbreaks, so both see the same requests), ``n_benign`` benign and ``n_utility``
     utility prompts. Selection part: ``n_selection`` each of jailbreak, harmful and benign (for
     tuning), and up to ``n_tuning`` selection-part harmful and benign texts in
-    :attr:`EvalSets.tuning` (for the refusal direction and data-driven features). Template duplicates (same text) are dropped. Jailbreak ``i`` pairs behaviour
-    ``i mod B`` with template ``(i + i div B) mod T`` of the part's seeded orders. ``tokenizer``
-    counts template tokens for the budget (default: whitespace words).
+    :attr:`EvalSets.tuning` (for the refusal direction and data-driven features). Template
+    duplicates (same text) are dropped. Jailbreak ``i`` pairs behaviour ``i mod B`` with
+    template ``(i + i div B) mod T`` of the part's seeded orders. ``tokenizer`` counts
+    template tokens for the budget (default: whitespace words).
 
     Raises:
         EvalError: a part has too few items for the sizes asked, or a template cannot be used.
@@ -414,81 +518,22 @@ def build_sets(
             raise EvalError(f"sets.{name} must be >= 0, got {n}.")
     if template_budget is not None and template_budget < 1:
         raise EvalError(f"sets.template_budget must be >= 1 or null, got {template_budget}.")
-    provenance: dict[str, str] = {}
-    behaviours, prov = _items_of(harmful, "harmful")
-    provenance.update(prov)
-    template_items: list[TextItem] = []
-    if templates:
-        template_items, prov = _items_of(templates, "templates")
-        provenance.update(prov)
-    benign_items, prov = _items_of(benign, "benign")
-    provenance.update(prov)
-    utility_items: list[TextItem] = []
-    if utility:
-        utility_items, prov = _items_of(utility, "utility")
-        provenance.update(prov)
-    unique: dict[str, TextItem] = {}
-    for it in template_items:
-        unique.setdefault(it.text, it)
-    template_pool = list(unique.values())
-    counter = token_ends(tokenizer) if tokenizer is not None else None
-
-    def take(pool: list[TextItem], part: Part, n: int, what: str, key: str) -> list[TextItem]:
-        got = order_by_seed(split_part(pool, part, test_fraction, salt), seed, salt)
-        if len(got) < n:
-            raise EvalError(
-                f"The {part} part of the {what} has {len(got)} items but {n} are needed; lower "
-                f"sets.{key}, add sources or change test_fraction."
-            )
-        return got
-
-    prompts: list[EvalPrompt] = []
-    parts: tuple[tuple[Part, int, int, int, int], ...] = (
-        ("selection", n_selection, n_selection, n_selection, 0),
-        ("test", n_jailbreak, n_harmful, n_benign, n_utility),
+    pools = _load_pools(
+        harmful, templates, benign, utility, test_fraction=test_fraction, seed=seed, salt=salt
     )
-    for part, n_jb, n_harm, n_ben, n_util in parts:
-        key = "n_selection" if part == "selection" else "n_harmful"
-        beh = take(behaviours, part, max(n_harm, 1 if n_jb else 0), "harmful behaviours", key)
-        for it in beh[:n_harm]:
-            meta = {"behaviour_id": it.id, "source": it.source}
-            prompts.append(EvalPrompt(f"harmful:{it.id}", "harmful", it.text, part, it.text, meta))
-        if n_jb:
-            order_t = take(template_pool, part, 1, "jailbreak templates", "n_jailbreak")
-            for i in range(n_jb):
-                b = beh[i % len(beh)]
-                t = order_t[(i + i // len(beh)) % len(order_t)]
-                text, meta = compose_attack(
-                    Template(t.id, t.text, t.source),
-                    b.text,
-                    append=append,
-                    model_name=model_name,
-                    budget=template_budget,
-                    token_ends_of=counter,
-                )
-                meta.update(behaviour_id=b.id, source=t.source)
-                prompts.append(
-                    EvalPrompt(f"jailbreak:{b.id}|{t.id}", "jailbreak", text, part, b.text, meta)
-                )
-        for kind, pool, n in (("benign", benign_items, n_ben), ("utility", utility_items, n_util)):
-            if not n:
-                continue
-            key = "n_selection" if part == "selection" else f"n_{kind}"
-            for it in take(pool, part, n, f"{kind} prompts", key)[:n]:
-                meta = {"source": it.source}
-                if "reference" in it.meta:
-                    meta["reference"] = it.meta["reference"]
-                kind_l: Kind = "benign" if kind == "benign" else "utility"
-                prompts.append(EvalPrompt(f"{kind}:{it.id}", kind_l, it.text, part, "", meta))
+    compose = {
+        "append": append,
+        "model_name": model_name,
+        "budget": template_budget,
+        "token_ends_of": token_ends(tokenizer) if tokenizer is not None else None,
+    }
+    prompts = _part_prompts(pools, "selection", (n_selection, n_selection, n_selection, 0), compose)
+    prompts += _part_prompts(pools, "test", (n_jailbreak, n_harmful, n_benign, n_utility), compose)
+    harm_sel = pools.take(pools.behaviours, "selection", 1, "harmful behaviours", "n_tuning")
+    benign_sel = pools.take(pools.benign, "selection", 1, "benign prompts", "n_tuning")
     tuning = {
-        "harmful": [
-            it.text
-            for it in take(behaviours, "selection", 1, "harmful behaviours", "n_tuning")[:n_tuning]
-        ],
-        "benign": [
-            it.text
-            for it in take(benign_items, "selection", 1, "benign prompts", "n_tuning")[:n_tuning]
-        ],
+        "harmful": [it.text for it in harm_sel[:n_tuning]],
+        "benign": [it.text for it in benign_sel[:n_tuning]],
     }
     ids = [p.id for p in prompts]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
@@ -511,7 +556,7 @@ def build_sets(
         "template_budget": template_budget,
         "template_budget_unit": "model tokens" if tokenizer is not None else "whitespace words",
     }
-    return EvalSets(prompts, provenance, settings, tuning)
+    return EvalSets(prompts, pools.provenance, settings, tuning)
 
 
 def _spec_json(s: str | SourceSpec) -> Any:

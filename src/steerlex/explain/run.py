@@ -1,10 +1,8 @@
 """Explain every feature of an SAE with one method and write the result as JSONL.
 
-Methods available so far: ``mi`` and ``paper`` (vocabulary word lists scored by
-mutual information on the output side, see docs/mi.md), ``mi-input`` (the same on the
-input side: what makes a feature fire, see docs/mi_input.md), ``logitlens`` (top
-unembedding tokens) and ``topact`` (words of the top-activating contexts in an
-activation store: the corpus-based baseline).
+The methods are the entries of :data:`steerlex.explain.method.EXPLANATION_METHODS` (built
+in: ``mi`` and ``paper``, output-side mutual information, docs/mi.md; ``mi-input``, the
+input side, docs/mi_input.md; ``logitlens``; ``topact``, the corpus-based baseline).
 Each output line is one :class:`Explanation`:
 ``{"feature": c, "method": m, "words": [...], "scores": [...], "summary": null}``.
 """
@@ -13,36 +11,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import steerlex
 from steerlex.activations.store import ActivationStore
 from steerlex.core.errors import ExplainError
 from steerlex.core.io import write_bytes_atomic, write_json_atomic
-from steerlex.explain.logitlens import logit_lens
-from steerlex.explain.mi import Score, Side, Transform, feature_vectors, mi_scores
-from steerlex.explain.mi_input import cached_word_activations, input_mi_scores
-from steerlex.explain.topact import top_activations, topact_words
-from steerlex.explain.vocabulary import Vocabulary, word_vectors
-from steerlex.models.cache import cache_root
+from steerlex.explain.method import Explanation, MethodOptions, get_method, method_names
+from steerlex.explain.vocabulary import Vocabulary
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SparseAutoencoder
 from steerlex.sae.compat import check_sae_fits
 
-METHODS = ("mi", "paper", "mi-input", "logitlens", "topact")
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """The ranked words (or tokens) of one feature under one method."""
-
-    feature: int
-    method: str
-    words: tuple[str, ...]
-    scores: tuple[float, ...]
-    summary: str | None = None
+__all__ = [
+    "Explanation",
+    "explain_sae",
+    "neuronpedia_records",
+    "read_explanations",
+    "read_method_files",
+    "write_explanations",
+]
 
 
 def explain_sae(
@@ -60,7 +50,7 @@ def explain_sae(
     store: ActivationStore | None = None,
     progress: bool = True,
 ) -> list[Explanation]:
-    """Explanations of ``features`` (default: all) of ``sae`` by ``method``.
+    """Explanations of ``features`` (default: all) of ``sae`` by the registered ``method``.
 
     ``mi-input`` runs every vocabulary word through the model in a few neutral
     templates (to layer L only) and caches the word-by-feature activation matrix
@@ -68,11 +58,7 @@ def explain_sae(
     ``topact`` needs ``store`` (top-activating contexts, de-duplicated; see
     docs/topact.md); its explanations carry words without scores.
     """
-    if method not in METHODS:
-        raise ExplainError(
-            f"Unknown explanation method '{method}'; available: {', '.join(METHODS)}."
-        )
-    model = loaded.model
+    explainer = get_method(method)
     check_sae_fits(sae, loaded=loaded)
     ids = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
     bad = [f for f in ids if not 0 <= f < sae.cfg.d_sae]
@@ -80,71 +66,11 @@ def explain_sae(
         raise ExplainError(
             f"Feature ids {bad[:5]} are out of range; this SAE has features 0..{sae.cfg.d_sae - 1}."
         )
-    if method == "logitlens":
-        found = logit_lens(
-            sae,
-            model,
-            loaded.tokenizer,
-            top_k=top_k,
-            transform=cast(Transform, transform),
-            side=cast(Side, side),
-            features=ids,
-        )
-        return [
-            Explanation(ft.feature, method, tuple(ft.tokens), tuple(float(s) for s in ft.scores))
-            for ft in found
-        ]
-    if method == "topact":
-        if store is None:
-            raise ExplainError(
-                "The 'topact' method needs an activation store of the SAE's model and layer (--activations)."
-            )
-        spans = top_activations(
-            sae, store, features=ids, tokenizer=loaded.tokenizer, progress=progress
-        )
-        return [
-            Explanation(
-                c, method, tuple(topact_words(spans.get(c, []), loaded.tokenizer, top_k=top_k)), ()
-            )
-            for c in ids
-        ]
-    if vocab is None:
-        raise ExplainError(
-            f"The '{method}' method needs a vocabulary (see steerlex.explain.vocabulary)."
-        )
-    if method == "mi-input":
-        if sae.cfg.layer is None:
-            raise ExplainError(
-                "The 'mi-input' method needs the SAE's layer; this SAE does not record one."
-            )
-        words = list(vocab.words)
-        acts = cached_word_activations(
-            loaded, sae, sae.cfg.layer, words, cache_root() / "word_activations", progress=progress
-        )
-        scores, idx = input_mi_scores(acts, top_k=top_k)
-        return [
-            Explanation(
-                c,
-                method,
-                tuple(words[i] for i in idx[c].tolist()),
-                tuple(float(v) for v in scores[c].tolist()),
-            )
-            for c in ids
-        ]
-    wv = word_vectors(vocab, loaded)
-    fv = feature_vectors(sae, model, side=cast(Side, side), transform=cast(Transform, transform))
-    scores, idx = mi_scores(
-        fv, wv.vectors, score=cast(Score, method), alpha=alpha, beta=beta, top_k=top_k
-    )
-    return [
-        Explanation(
-            c,
-            method,
-            tuple(wv.words[i] for i in idx[c].tolist()),
-            tuple(float(s) for s in scores[c].tolist()),
-        )
-        for c in ids
-    ]
+    options = MethodOptions(
+        vocab=vocab, top_k=top_k, alpha=alpha, beta=beta, transform=transform, side=side,
+        store=store, progress=progress,
+    )  # fmt: skip
+    return explainer.explain(sae, loaded, ids, options)
 
 
 def write_explanations(
@@ -200,6 +126,26 @@ def read_explanations(path: str | Path) -> list[Explanation]:
                 f'({{"feature", "method", "words", ...}}): {exc}'
             ) from exc
     return out
+
+
+def read_method_files(
+    directory: str | Path, methods: Sequence[str] | None = None
+) -> dict[str, list[Explanation]]:
+    """``{method: explanations}`` from the ``<method>.jsonl`` files in ``directory``: the
+    ``methods`` asked for, or every registered method whose file is there (display order).
+
+    Raises:
+        ExplainError: no file to read, or a file that is missing or malformed.
+    """
+    d = Path(directory)
+    wanted = (
+        list(methods) if methods else [m for m in method_names() if (d / f"{m}.jsonl").is_file()]
+    )
+    if not wanted:
+        raise ExplainError(
+            f"No explanation files (<method>.jsonl) in {d}; run `steerlex explain` first."
+        )
+    return {m: read_explanations(d / f"{m}.jsonl") for m in wanted}
 
 
 def neuronpedia_records(

@@ -1,10 +1,10 @@
 """TopAct baseline: the top-activating contexts of each SAE feature in an activation store.
 
 :func:`top_activations` streams the store shard by shard, encodes each batch with the
-SAE's ``encode_topk`` (memory bounded by one shard plus the candidate table) and keeps,
-per feature, a running table of the best candidate tokens. It then cuts a window of
-stored tokens of the same text around each candidate, removes near-duplicates (see
-below) and returns up to ``per_feature`` :class:`Span` objects per feature.
+SAE's ``encode_sparse`` (any architecture; memory bounded by one shard plus the candidate
+table) and keeps, per feature, a running table of the best candidate tokens. It then cuts
+a window of stored tokens of the same text around each candidate, removes near-duplicates
+(see below) and returns up to ``per_feature`` :class:`Span` objects per feature.
 
 De-duplication rule (applied per feature, candidates visited by activation descending,
 ties by store row ascending):
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from steerlex.activations.store import ActivationStore
 from steerlex.core.errors import ExplainError
+from steerlex.sae.base import SparseAutoencoder
 from steerlex.sae.compat import check_sae_fits
 
 GROUP_PREFIX = 32
@@ -184,7 +185,7 @@ def _merge_pending(
 
 
 def top_activations(
-    sae: Any,
+    sae: SparseAutoencoder,
     store: ActivationStore,
     *,
     per_feature: int = 20,
@@ -200,7 +201,7 @@ def top_activations(
 ) -> dict[int, list[Span]]:
     """Top-activating spans per feature (see the module docstring for the rules).
 
-    ``sae``: a TopK SAE (``encode_topk``) whose input width equals the store's.
+    ``sae``: an SAE (any architecture) whose input width equals the store's.
     ``window``: stored tokens (before, after) the activating one, never crossing texts.
     ``features``: feature ids to explain (default: all). ``max_tokens``: read only the
     first tokens of the store. ``tokenizer``: decode spans (``text`` and ``tokens``).
@@ -257,7 +258,7 @@ def top_activations(
             grp_dev = meta.group.to(device)
             for b in range(0, n, batch_size):
                 x = acts[b : b + batch_size].to(device)
-                vals, idx = sae.encode_topk(x)
+                vals, idx = sae.encode_sparse(x)
                 rows = torch.arange(b, b + x.shape[0], device=device).unsqueeze(1).expand_as(idx)
                 keep = (vals > 0) & allowed[idx]
                 new = (
@@ -341,7 +342,7 @@ def top_activations(
 
 
 def _fill_activations(
-    sae: Any,
+    sae: SparseAutoencoder,
     store: ActivationStore,
     result: dict[int, list[Span]],
     where: dict[tuple[int, int], tuple[int, int, int]],
@@ -360,7 +361,7 @@ def _fill_activations(
             vals_parts, idx_parts = [], []
             for b in range(0, len(rows), batch_size):
                 x = acts[torch.tensor(rows[b : b + batch_size], dtype=torch.long)].to(device)
-                v, ix = sae.encode_topk(x)
+                v, ix = sae.encode_sparse(x)
                 vals_parts.append(v.float().cpu())
                 idx_parts.append(ix.long().cpu())
             vals, idx = torch.cat(vals_parts), torch.cat(idx_parts)

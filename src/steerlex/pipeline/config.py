@@ -1,247 +1,194 @@
 """The config of ``steerlex run``: one JSON object, strict (unknown keys and wrong types are
-errors naming the key), on top of a built-in profile. Every default is written out into the
-run directory as ``config.json``."""
+errors naming the key), on top of a built-in profile.
+
+The config has the run's own keys (``name``, ``model``, ``layer``, ``device``) and one
+section per stage, and each section *is* that stage's config class (the same dataclass
+its command's flags come from): every option of every stage can be set, with the same
+default and help text. The keys the run fills in itself (the model, layer and device,
+and the paths between stages) are owned by the run: they cannot be given and are not
+written out. Every default is written out into the run directory as ``config.json``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steerlex.core.config import build_strict, config_to_dict, merge, read_json_config
-from steerlex.core.errors import PipelineError
-from steerlex.models.embedded import DEFAULT_MODEL, SMALL_MODEL
+from steerlex.core.config import (
+    build_strict,
+    config_to_dict,
+    merge,
+    option,
+    read_json_config,
+    section,
+)
+from steerlex.core.errors import PipelineError, SteerlexError
+from steerlex.evaluate.config import EvalConfig
+from steerlex.evaluate.plan import plan_defences
+from steerlex.explain.method import default_method, get_method, method_names
+from steerlex.jobs.explain import ExplainConfig, ExplainMetricsConfig
+from steerlex.jobs.harvest import HarvestConfig
+from steerlex.jobs.report import ExamplesConfig, FeaturesConfig
+from steerlex.jobs.sae import EvalSAEConfig
+from steerlex.jobs.select import SelectConfig, concept_side
+from steerlex.models.embedded import DEFAULT_MODEL
+from steerlex.pipeline.profiles import PROFILES, profile
+from steerlex.sae.train import TrainConfig
 
 __all__ = [
     "PROFILES",
-    "PipelineError",
     "RunConfig",
+    "SelectSection",
+    "config_dict",
     "config_fingerprint",
+    "config_from_dict",
     "resolve_config",
+    "selection_method",
 ]
 
-EXPLAIN_METHODS = ("mi", "paper", "mi-input", "logitlens", "topact")
-
-
-@dataclass
-class HarvestSection:
-    """Texts for the SAE (``steerlex harvest``): each named set or file in ``sources``,
-    at most ``limit`` texts of each, split by a hash of the text id."""
-
-    sources: list[str] = field(default_factory=lambda: ["benign", "harmbench", "jailbreak-wild"])
-    limit: int | None = 64
-    heldout_fraction: float = 0.1
-    max_length: int = 256
-    batch_size: int = 8
-
-
-@dataclass
-class SAESection:
-    """``steerlex train-sae`` settings (the rest are its defaults) and ``eval-sae``'s."""
-
-    d_sae: int = 2048
-    k: int = 32
-    tokens: int = 131072
-    lr: float = 2e-3
-    warmup_steps: int = 25
-    batch_size: int = 1024
-    seed: int = 0
-    eval_lm_texts: int = 16
-
-
-@dataclass
-class ExplainSection:
-    """``steerlex explain`` (every method by default) and ``explain-metrics`` on
-    ``metrics_features`` sampled features (0 skips the metrics)."""
-
-    methods: list[str] = field(default_factory=lambda: list(EXPLAIN_METHODS))
-    vocab_size: int = 5000
-    metrics_features: int = 24
-    metrics_strengths: list[float] = field(default_factory=lambda: [1.0])
-    levels: bool = True
+_PATHS = ("out",)
+_MODEL = ("model", "device")
 
 
 @dataclass
 class SelectSection:
-    """Features chosen from their explanations: ``safety`` (steered, from mi words) and
-    ``harm`` (the conditional gate's detectors, from mi-input words)."""
+    """The run's two selections: ``safety`` (the features the SAE defences steer, from
+    output-side explanations) and ``harm`` (the conditional gate's detectors, from
+    input-side explanations)."""
 
-    safety_top_n: int = 10
-    harm_top_n: int = 10
-
-
-@dataclass
-class ReportSection:
-    """The feature browser's statistics and the report's example conversations."""
-
-    top_contexts: int = 8
-    max_tokens: int | None = None
-    examples: int = 4
-    example_defence: str = "amplify"
+    safety: SelectConfig = section(
+        lambda: SelectConfig(concept="safety"),
+        help="the features to steer",
+        owned=("sae", "explanations", "out", *_MODEL),
+    )
+    harm: SelectConfig = section(
+        lambda: SelectConfig(concept="harm"),
+        help="the harm detectors that open the conditional gate",
+        owned=("sae", "explanations", "out", *_MODEL),
+    )
 
 
 @dataclass
 class RunConfig:
-    """Everything ``steerlex run`` does; see docs/pipeline.md for each key. ``eval`` is an
-    eval config (docs/evaluation.md) without model, sae, layer, features, out and device,
-    which the run fills in."""
+    """Everything ``steerlex run`` does (docs/pipeline.md; every key: docs/config.md)."""
 
-    name: str = "default"
-    model: str = DEFAULT_MODEL
-    layer: int = 8
-    device: str = "cpu"
-    harvest: HarvestSection = field(default_factory=HarvestSection)
-    sae: SAESection = field(default_factory=SAESection)
-    explain: ExplainSection = field(default_factory=ExplainSection)
-    select: SelectSection = field(default_factory=SelectSection)
-    eval: dict[str, Any] = field(default_factory=dict)
-    report: ReportSection = field(default_factory=ReportSection)
-
-
-_DEFAULT_EVAL: dict[str, Any] = {
-    "sets": {
-        "n_jailbreak": 24,
-        "n_harmful": 12,
-        "n_benign": 24,
-        "n_selection": 8,
-        "n_tuning": 32,
-    },
-    "generation": {"max_new_tokens": 32, "batch_size": 8},
-    "defences": [
-        {"kind": "none"},
-        {"kind": "dense", "strengths": [0.2]},
-        # strengths where the full-size run (docs/results.md) saw the defences act
-        {"kind": "amplify", "strengths": [1.5, 3.0]},
-        {"kind": "amplify", "name": "amplify-data", "strengths": [1.0], "features": "data"},
-        {"kind": "calibrate", "strengths": [20.0]},
-        {"kind": "calibrate", "conditional": True, "strengths": [20.0]},
-    ],
-}
-
-PROFILES: dict[str, dict[str, Any]] = {
-    # The README's main job: the default model on 2 CPU cores (see docs/results.md for
-    # the measured wall time).
-    "default": {"eval": _DEFAULT_EVAL},
-    # The whole chain on the small packaged model in a few minutes (what CI runs).
-    "quick": {
-        "name": "quick",
-        "model": SMALL_MODEL,
-        "layer": 10,
-        "harvest": {"sources": ["benign", "harmbench"], "limit": 48, "max_length": 96},
-        "sae": {"d_sae": 512, "k": 16, "tokens": 32768, "batch_size": 256, "eval_lm_texts": 4},
-        "explain": {"vocab_size": 1000, "metrics_features": 4, "levels": False},
-        "select": {"safety_top_n": 4, "harm_top_n": 4},
-        "report": {"top_contexts": 4, "examples": 2},
-        "eval": {
-            "sets": {
-                "n_jailbreak": 4,
-                "n_harmful": 4,
-                "n_benign": 4,
-                "n_selection": 2,
-                "n_tuning": 8,
-                "template_budget": 96,
-            },
-            "generation": {"max_new_tokens": 8, "batch_size": 8},
-            "defences": [
-                {"kind": "none"},
-                {"kind": "dense", "strengths": [0.2]},
-                {"kind": "amplify", "strengths": [2.0]},
-                {"kind": "calibrate", "conditional": True, "strengths": [5.0]},
-            ],
-        },
-    },
-}
-
-# Keys the run fills in itself.
-_EVAL_OWNED = ("model", "sae", "layer", "features", "harm_features", "out", "device", "cache")
+    name: str = option("default", help="the run directory's name under --runs-dir")
+    model: str = option(DEFAULT_MODEL, help="model spec every stage uses")
+    layer: int = option(8, help="decoder layer L (0-based): harvested, explained and steered")
+    device: str = option("cpu", help="torch device for every stage")
+    harvest: HarvestConfig = section(
+        lambda: HarvestConfig(layer=0),
+        help="the texts harvested (train and held-out parts)",
+        owned=("model", "layer", "device", "split", *_PATHS),
+    )
+    train_sae: TrainConfig = section(
+        TrainConfig, help="SAE training on the train part", owned=("device",)
+    )
+    eval_sae: EvalSAEConfig = section(
+        EvalSAEConfig,
+        help="SAE evaluation on the held-out part",
+        owned=("sae", "activations", *_MODEL, *_PATHS),
+    )
+    explain: ExplainConfig = section(
+        lambda: ExplainConfig(methods=list(method_names())),
+        help="explanations of every feature",
+        owned=("sae", "activations", *_MODEL, *_PATHS),
+    )
+    explain_metrics: ExplainMetricsConfig = section(
+        ExplainMetricsConfig,
+        help="explanation metrics (features 0: skip the stage)",
+        owned=("sae", "explanations", *_MODEL, *_PATHS),
+    )
+    select: SelectSection = section(SelectSection, help="feature selection")
+    eval: EvalConfig = section(
+        EvalConfig,
+        help="the safety evaluation (docs/evaluation.md)",
+        owned=("sae", "layer", "features", "harm_features", "cache", *_MODEL, *_PATHS),
+    )
+    features: FeaturesConfig = section(
+        FeaturesConfig,
+        help="the feature browser's statistics",
+        owned=("sae", "activations", *_MODEL, *_PATHS),
+    )
+    examples: ExamplesConfig = section(
+        ExamplesConfig,
+        help="the report's example conversations",
+        owned=("sae", "layer", "generations", "features", *_MODEL, *_PATHS),
+    )
 
 
-def resolve_config(profile: str = "default", path: str | Path | None = None) -> RunConfig:
-    """The profile's config with the JSON file at ``path`` (if any) on top, checked."""
-    if profile not in PROFILES:
-        raise PipelineError(f"Unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
-    data = json.loads(json.dumps(PROFILES[profile]))
+def resolve_config(
+    profile_name: str = "default",
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The profile's config with the JSON file at ``path`` (if any) and ``overrides`` on
+    top, checked."""
+    if profile_name not in PROFILES:
+        raise PipelineError(
+            f"Unknown profile {profile_name!r}; choose one of {', '.join(PROFILES)}."
+        )
+    data = profile(profile_name)
     if path is not None:
         data = merge(data, read_json_config(path, "run config", PipelineError))
-    return config_from_dict(data)
+    return config_from_dict(merge(data, overrides or {}))
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """A :class:`RunConfig` from a JSON object (strict; the ``eval`` part too)."""
+    """A :class:`RunConfig` from a JSON object (strict, every section included)."""
     if not isinstance(data, dict):
         raise PipelineError(f"The run config must be a JSON object, got {type(data).__name__}.")
-    cfg = build_strict(RunConfig, data, "", PipelineError)
-    bad = sorted(set(cfg.explain.methods) - set(EXPLAIN_METHODS))
-    if bad or not cfg.explain.methods:
-        raise PipelineError(
-            f"Config key 'explain.methods' has {bad or 'no methods'}; "
-            f"choose from {list(EXPLAIN_METHODS)}."
-        )
-    for need in ("mi", "mi-input"):
-        if need not in cfg.explain.methods:
-            raise PipelineError(
-                f"Config key 'explain.methods' must include {need!r}: feature selection reads "
-                "safety features from mi words and harm detectors from mi-input words."
-            )
+    try:
+        cfg = build_strict(RunConfig, data, "", PipelineError)
+    except SteerlexError as exc:
+        raise PipelineError(str(exc)) from None
     if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name.startswith("."):
         raise PipelineError(f"Config key 'name' must be a plain directory name, got {cfg.name!r}.")
-    owned = sorted(set(cfg.eval) & set(_EVAL_OWNED))
-    if owned:
-        raise PipelineError(
-            f"Config key(s) {['eval.' + k for k in owned]} are set by the run itself "
-            "(from model, layer, device and the selected features); remove them."
-        )
-    from steerlex.core.errors import EvalError
-    from steerlex.evaluate.config import EvalConfig
-
     try:
-        build_strict(EvalConfig, eval_section(cfg, sae="sae", safety="s.json", harm="h.json"),
-                     "eval", EvalError)  # fmt: skip
-    except EvalError as exc:
+        _check_sections(cfg)
+    except PipelineError:
+        raise
+    except SteerlexError as exc:
         raise PipelineError(str(exc)) from None
     return cfg
 
 
-def eval_section(cfg: RunConfig, *, sae: str, safety: str, harm: str) -> dict[str, Any]:
-    """The eval config of the run: ``cfg.eval`` with the run's model, SAE, layer and device
-    filled in. SAE defences steer the explanation-selected ``safety`` features (the
-    conditional ones gated by the ``harm`` detectors) unless they name their own; a defence
-    whose ``features`` is ``"data"`` steers the data-selected features instead (chosen by
-    the evaluation on its selection split, without explanations)."""
-    from steerlex.evaluate.config import default_defences
-    from steerlex.evaluate.defences import SAE_KINDS
+def selection_method(s: SelectConfig) -> str:
+    """The explanation method a selection reads (its own, else the default for the side of
+    its concept)."""
+    if s.explanation_method:
+        return s.explanation_method
+    return default_method(concept_side(s))
 
-    data = json.loads(json.dumps(cfg.eval))
-    defences = data.get("defences")
-    if defences is None:
-        defences = config_to_dict(default_defences(with_sae=True))
-    for d in defences if isinstance(defences, list) else []:
-        if not isinstance(d, dict) or d.get("kind") not in SAE_KINDS:
-            continue
-        if d.get("features") == "data":
-            d["features"] = None
-            continue
-        d.setdefault("features", safety)
-        if d.get("conditional"):
-            d.setdefault("harm_features", harm)
-    data.update(defences=defences, model=cfg.model, sae=sae, layer=cfg.layer, device=cfg.device)
-    return data
+
+def _check_sections(cfg: RunConfig) -> None:
+    """What can be checked without the run directory: known explanation methods, selections
+    that read explanations the run makes, and the defences."""
+    for m in cfg.explain.methods:
+        get_method(m)
+    if not cfg.explain.methods:
+        raise PipelineError("Config key 'explain.methods' is empty; give at least one method.")
+    for name, s in (("safety", cfg.select.safety), ("harm", cfg.select.harm)):
+        method = selection_method(s)
+        get_method(method)
+        if s.method in ("semantic", "llm") and method not in cfg.explain.methods:
+            raise PipelineError(
+                f"Config key 'select.{name}' reads {method} explanations, but "
+                f"'explain.methods' ({', '.join(cfg.explain.methods)}) does not make them; add "
+                f"{method!r} to explain.methods or choose another select.{name}.explanation_method."
+            )
+    try:
+        plan_defences(cfg.eval, with_sae=True)
+    except SteerlexError as exc:
+        raise PipelineError(f"Config key 'eval': {exc}") from None
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as JSON, the eval part with every default written out (SAE
-    defences keep ``features`` as given: null means the explanation-selected features)."""
-    from steerlex.evaluate.config import config_from_dict as eval_from_dict
-    from steerlex.evaluate.config import default_defences
-
+    """The resolved config as JSON, every default written out (owned keys left out)."""
     out: dict[str, Any] = config_to_dict(cfg)
-    data = json.loads(json.dumps(cfg.eval))
-    if data.get("defences") is None:
-        data["defences"] = config_to_dict(default_defences(with_sae=True))
-    full = config_to_dict(eval_from_dict(data))
-    out["eval"] = {k: v for k, v in full.items() if k not in _EVAL_OWNED}
     return out
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import steerlex
 from steerlex.core.io import write_bytes_atomic
-from steerlex.explain.run import METHODS, read_explanations
+from steerlex.explain.method import EXPLANATION_METHODS, method_names
+from steerlex.explain.run import read_explanations
 from steerlex.report.common import (
     NOT_RUN,
     esc,
@@ -61,7 +62,7 @@ def _explanation_words(
     """Methods found, and per feature ``{method: [[word, score], ...]}``."""
     found: list[str] = []
     words: dict[int, dict[str, list[list[Any]]]] = {}
-    for method in METHODS:
+    for method in method_names():
         path = run_dir / "explanations" / f"{method}.jsonl"
         if not path.is_file():
             continue
@@ -156,6 +157,7 @@ def browser_data(run_dir: str | Path, *, n_words: int = 20) -> dict[str, Any]:
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "steerlex_version": steerlex.__version__,
         "methods": methods,
+        "method_labels": {m: EXPLANATION_METHODS.get(m).label or m for m in methods},
         "n_tokens": None if stats is None else stats.get("n_tokens"),
         "n_features": len(features),
         "features": {str(k): features[k] for k in sorted(features)},
@@ -236,9 +238,6 @@ SCRIPT = r"""
 const DATA = JSON.parse(document.getElementById("data").textContent);
 const FEATURES = DATA.features;
 const IDS = Object.keys(FEATURES).map(Number).sort((a, b) => a - b);
-const METHOD_NAMES = {"mi": "MI words", "paper": "paper (MI, the paper's formula)",
-  "mi-input": "MI input side (what makes it fire)", "logitlens": "LogitLens tokens",
-  "topact": "TopAct words (top-activating contexts)"};
 const $ = (id) => document.getElementById(id);
 let lastQuery = "";
 
@@ -386,7 +385,7 @@ function showResults(q) {
 
 function wordList(method, list) {
   const div = el("div", {class: "method-words", "data-method": method},
-    el("h3", {}, METHOD_NAMES[method] || method));
+    el("h3", {}, DATA.method_labels[method] || method));
   for (const [w, s] of list) {
     div.append(el("span", {class: "word"}, el("span", {class: "w"}, w),
       s === null ? null : el("span", {class: "score"}, fmtNum(s))));

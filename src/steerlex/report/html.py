@@ -27,7 +27,8 @@ from typing import Any
 import steerlex
 from steerlex.core.errors import ReportError
 from steerlex.core.io import write_bytes_atomic
-from steerlex.explain.run import METHODS, read_explanations
+from steerlex.explain.method import method_names
+from steerlex.explain.run import read_explanations
 from steerlex.plots import PALETTE
 from steerlex.report.browser import BROWSER_FILE
 from steerlex.report.common import FIX, NOT_RUN, esc, page, read_json_optional
@@ -262,9 +263,14 @@ def _summary(root: Path) -> str:
             (
                 "SAE",
                 f"{sae_cfg.get('architecture')} d_in={sae_cfg.get('d_in')} "
-                f"d_sae={sae_cfg.get('d_sae')} k={sae_cfg.get('k')} "
-                f"(hook {_get(sae_cfg, 'metadata', 'hf_hook_name')}), written by steerlex "
-                f"{_get(sae_cfg, 'metadata', 'steerlex', 'steerlex_version')}",
+                f"d_sae={sae_cfg.get('d_sae')}"
+                + (f" k={sae_cfg['k']}" if sae_cfg.get("k") is not None else "")
+                + f" (hook {_get(sae_cfg, 'metadata', 'hf_hook_name')}), written by "
+                + (
+                    f"steerlex {_get(sae_cfg, 'metadata', 'steerlex', 'steerlex_version')}"
+                    if _get(sae_cfg, "metadata", "steerlex") is not None
+                    else "another tool"
+                ),
             )
         )
     else:
@@ -391,7 +397,7 @@ def _sae_quality(root: Path) -> str:
 
 def _read_all_explanations(root: Path) -> dict[str, dict[int, tuple[str, ...]]]:
     out: dict[str, dict[int, tuple[str, ...]]] = {}
-    for method in METHODS:
+    for method in method_names():
         path = root / "explanations" / f"{method}.jsonl"
         if path.is_file():
             out[method] = {e.feature: e.words for e in read_explanations(path)}
@@ -422,11 +428,11 @@ def _explanations(
             _not_run("no explanations/<method>.jsonl (explain)"),
         )
     features = _side_by_side_features(explanations, metrics)
-    methods = [m for m in METHODS if m in explanations]
+    methods = [m for m in method_names() if m in explanations]
     rows = [
         [_feature_link(f), *(_words(explanations[m].get(f, ())) for m in methods)] for f in features
     ]
-    missing = [m for m in METHODS if m not in explanations]
+    missing = [m for m in method_names() if m not in explanations]
     note = (
         f'<p class="note">{N_WORDS} top words per method; methods not run: {esc(", ".join(missing))}. '
         "Feature ids open the feature browser.</p>"

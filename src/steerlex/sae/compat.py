@@ -7,7 +7,10 @@ rules (and their messages) are the same everywhere:
 - the SAE records no other model weights than the model's (``weights_id``; skippable);
 - the layer asked for is the SAE's own: another layer warns (``other_layer="warn"``, e.g.
   steering a neighbouring layer on purpose) or raises (``"error"``, e.g. evaluation);
-- a store holds the SAE's own layer.
+- a store holds the SAE's own layer;
+- the SAE reads the residual stream at a decoder block's output (an SAE of another hook,
+  e.g. SAELens ``blocks.5.hook_mlp_out``, recorded in ``cfg.extra["hook_kind"]`` when it
+  was loaded, is refused: steerlex reads, explains and edits only that stream).
 """
 
 from __future__ import annotations
@@ -23,7 +26,21 @@ if TYPE_CHECKING:
     from steerlex.models.loading import LoadedModel
     from steerlex.sae.base import SparseAutoencoder
 
-__all__ = ["check_sae_fits", "sae_origin"]
+__all__ = ["RESIDUAL_HOOK_KINDS", "check_residual_hook", "check_sae_fits", "sae_origin"]
+
+#: ``cfg.extra["hook_kind"]`` values of the residual stream between decoder blocks.
+RESIDUAL_HOOK_KINDS = ("hook_resid_post", "hook_resid_pre")
+
+# What the common non-residual TransformerLens hook points read (for the error message).
+_HOOK_MEANING = {
+    "hook_resid_mid": "the residual stream between a block's attention and its MLP",
+    "hook_mlp_out": "a block's MLP output",
+    "hook_attn_out": "a block's attention output",
+    "attn.hook_z": "the attention heads' outputs before W_O",
+    "hook_embed": "the token embeddings",
+    "hook_pos_embed": "the position embeddings",
+    "hook_resid_pre": "the input of block 0 (the embeddings)",
+}
 
 
 def sae_origin(sae: SparseAutoencoder) -> str:
@@ -32,6 +49,26 @@ def sae_origin(sae: SparseAutoencoder) -> str:
     if cfg.model_spec is None and cfg.layer is None:
         return ""
     return f" (trained on {cfg.model_spec or 'an unnamed model'} layer {cfg.layer})"
+
+
+def check_residual_hook(sae: SparseAutoencoder) -> None:
+    """Raise :class:`SAEError` unless ``sae`` reads the residual stream at a block's output.
+
+    An SAE whose loader recorded no ``hook_kind`` (steerlex's own, or one without a hook
+    name) passes; ``blocks.0.hook_resid_pre`` (the embeddings: no block output) does not.
+    """
+    kind = sae.cfg.extra.get("hook_kind")
+    if kind is None or (kind in RESIDUAL_HOOK_KINDS and sae.cfg.layer is not None):
+        return
+    hook = sae.cfg.extra.get("saelens_hook_name") or sae.cfg.hf_hook_name or kind
+    meaning = _HOOK_MEANING.get(str(kind), "an activation that is not the residual stream")
+    raise SAEError(
+        f"The SAE reads hook {hook} ({meaning}), not the residual stream at a decoder block's "
+        "output; steerlex harvests, explains, evaluates and steers residual-stream SAEs only "
+        "(SAELens blocks.L.hook_resid_post, blocks.L.hook_resid_pre for L >= 1, or HF "
+        "model.layers.L). Use an SAE trained on the residual stream (loading and `steerlex sae "
+        "convert` still work for this one)."
+    )
 
 
 def check_sae_fits(
@@ -47,7 +84,10 @@ def check_sae_fits(
 
     ``layer`` defaults to the SAE's own; it is checked against the model's depth. Returns
     the layer (``None`` when neither the SAE nor the caller gives one, or without a model).
+    With a model or a store, an SAE of a non-residual hook raises (:func:`check_residual_hook`).
     """
+    if loaded is not None or store is not None:
+        check_residual_hook(sae)
     use = layer if layer is not None else sae.cfg.layer
     if loaded is not None:
         name = loaded.spec

@@ -237,7 +237,6 @@ def activation_metrics(
     sq_err = torch.zeros((), dtype=acc, device=device)
     l0_sum = torch.zeros((), dtype=torch.int64, device=device)
     counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
-    topk = sae.cfg.architecture == "topk"
 
     bar = tqdm(
         total=total,
@@ -260,18 +259,11 @@ def activation_metrics(
                 continue
             _check_finite(batch)
             x = batch.x.to(device)
-            if topk:
-                values, indices = sae.encode_topk(x)
-                recon = sae.decode_topk(values, indices)
-                fired = values > 0
-                l0_sum += fired.sum()
-                counts += torch.bincount(indices[fired], minlength=d_sae)
-            else:
-                f = sae.encode(x)
-                recon = sae.decode(f)
-                fired = f > 0
-                l0_sum += fired.sum()
-                counts += fired.sum(dim=0)
+            values, indices = sae.encode_sparse(x)
+            recon = sae.decode_sparse(values, indices)
+            fired = values > 0
+            l0_sum += fired.sum()
+            counts += torch.bincount(indices[fired], minlength=d_sae)
             xa = x.to(acc)
             sq_err += (xa - recon.to(acc)).square().sum()
             nb = xa.shape[0]

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from steerlex.core.errors import SAEError
-from steerlex.sae.base import SAEConfig, SparseAutoencoder
+from steerlex.sae.base import SAE_ARCHITECTURES, SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import (
     PROVENANCE_FIELDS,
     SAELENS_CFG,
@@ -53,6 +53,17 @@ from steerlex.sae.formats import (
 __all__ = ["load_pth", "load_sparsify", "save_sparsify", "sparsify_cfg"]
 
 _SPARSIFY_LAYER_RE = re.compile(r"^(?:model\.)?layers[._](\d+)$")
+#: The registered architecture of the paper's ``.pth`` (a tied TopK SAE).
+PTH_ARCHITECTURE = "topk"
+
+
+def _sparsify_classes() -> dict[str, type[SparseAutoencoder]]:
+    """sparsify activation name -> the registered class that computes it."""
+    return {
+        cls.sparsify_activation: cls
+        for _, cls in SAE_ARCHITECTURES.items()
+        if cls.sparsify_activation is not None
+    }
 
 
 def _int_field(raw: dict[str, Any], key: str, cfg_path: Path, default: int | None = None) -> int:
@@ -88,10 +99,11 @@ def load_sparsify(
     d_in = _int_field(raw, "d_in", cfg_path)
     file_k = _int_field(raw, "k", cfg_path, default=32)
     activation = raw.get("activation", "topk")
-    if activation != "topk":
+    known = _sparsify_classes()
+    if activation not in known:
         raise SAEError(
             f"sparsify config {cfg_path} uses activation={activation!r}; steerlex loads only "
-            "'topk' sparsify SAEs."
+            f"{', '.join(repr(a) for a in known)} sparsify SAEs."
         )
     if raw.get("transcode"):
         raise SAEError(
@@ -151,7 +163,7 @@ def load_sparsify(
         d_in=d_in,
         d_sae=d_sae,
         k=k if k is not None else file_k,
-        architecture="topk",
+        architecture=known[activation].name,
         tied=False,
         apply_b_dec_to_input=True,
         dtype=resolve_dtype(dtype, default_dtype, where=str(cfg_path)),
@@ -172,10 +184,12 @@ def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
     """(cfg.json dict, tensors) of ``sae`` in sparsify's layout."""
     import steerlex
 
-    if sae.cfg.architecture != "topk":
+    sae = sae.for_inference()
+    activation = type(sae).sparsify_activation
+    if activation is None:
         raise SAEError(
-            f"sparsify stores TopK SAEs only; this SAE is '{sae.cfg.architecture}'. Save it "
-            "in the SAELens format instead (--to saelens)."
+            f"sparsify stores TopK SAEs only; this SAE is '{sae.cfg.architecture}' "
+            f"({type(sae).title}). Save it in the SAELens format instead (--to saelens)."
         )
     folded = sae.folded()
     c = folded.cfg
@@ -190,7 +204,7 @@ def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
     unit = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-3))
     block_cfg = {**c.to_dict(), "apply_b_dec_to_input": True}
     cfg: dict[str, Any] = {
-        "activation": "topk",
+        "activation": activation,
         "expansion_factor": max(1, c.d_sae // c.d_in),
         "normalize_decoder": unit,
         "num_latents": c.d_sae,
@@ -336,7 +350,7 @@ def load_pth(
         d_in=d_in,
         d_sae=d_sae,
         k=use_k,
-        architecture="topk",
+        architecture=PTH_ARCHITECTURE,
         tied=tied,
         apply_b_dec_to_input=True,
         dtype=resolve_dtype(dtype, str(W_enc.dtype), where=str(path)),

@@ -10,6 +10,15 @@ The canonical on-disk form of an SAE is a **SAELens v6 directory**::
 ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
 ``reshape_activations``, ``metadata``, ``architecture``; TopK adds ``k`` and
 ``rescale_acts_by_decoder_norm``), so ``sae_lens.SAE.load_from_disk(DIR)`` loads it.
+Which SAELens architecture name, extra keys and extra tensors belong to which steerlex
+architecture is declared by the classes in :data:`~steerlex.sae.base.SAE_ARCHITECTURES`
+(``saelens_architecture``, ``saelens_keys``, ``latent_tensors``, ``uses_k``); an
+architecture that is only a training procedure (BatchTopK) is saved as the class its
+:meth:`~steerlex.sae.base.SparseAutoencoder.for_inference` returns (JumpReLU).
+
+The hook an SAE reads is recorded on loading in ``cfg.extra["hook_kind"]`` (the
+TransformerLens hook point without its block, e.g. ``hook_resid_post``, ``hook_mlp_out``,
+``attn.hook_z``); :func:`steerlex.sae.compat.check_sae_fits` refuses non-residual ones.
 steerlex's own record (the full :class:`SAEConfig`, the steerlex version and a format
 version) sits in ``metadata.steerlex``: SAELens keeps unknown metadata keys when it loads
 *and* re-saves an SAE, whereas it drops unknown top-level keys on re-save.
@@ -41,7 +50,7 @@ from torch import Tensor
 from steerlex.core.errors import SAEError
 from steerlex.core.io import read_json_object as read_json
 from steerlex.core.io import sha256_file
-from steerlex.sae.base import Architecture, SAEConfig, SparseAutoencoder
+from steerlex.sae.base import SAE_ARCHITECTURES, SAEConfig, SparseAutoencoder, sae_class
 
 __all__ = [
     "FORMATS",
@@ -50,6 +59,7 @@ __all__ = [
     "SaeFormat",
     "convert_sae",
     "detect_format",
+    "hook_kind",
     "hook_name_for_layer",
     "layer_from_hook_name",
     "load_sae",
@@ -73,9 +83,6 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 #: Version of the ``metadata.steerlex`` block; bump when its meaning changes.
 STEERLEX_BLOCK_VERSION = 1
 
-# steerlex architecture <-> SAELens architecture name.
-_TO_SAELENS: dict[Architecture, str] = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
-_FROM_SAELENS: dict[str, Architecture] = {v: k for k, v in _TO_SAELENS.items()}
 # SAELens normalisations that its inference SAE treats as the identity (the training
 # statistics are folded into the weights when training ends) vs. ones it applies per token.
 _IDENTITY_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
@@ -87,6 +94,7 @@ PROVENANCE_FIELDS = ("model_spec", "weights_id", "layer", "hf_hook_name", "keep"
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _HF_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)[._](\d+)$")
+_TL_BLOCK_RE = re.compile(r"^blocks\.\d+\.(.+)$")
 
 
 # --- hook names -----------------------------------------------------------------------
@@ -114,6 +122,24 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
         return layer - 1 if layer > 0 else None
     m = _HF_LAYER_RE.search(hook_name)
     return int(m.group(1)) if m else None
+
+
+def hook_kind(hook_name: str | None, hf_hook_name: str | None = None) -> str | None:
+    """The kind of activation a hook reads: its TransformerLens hook point without the block.
+
+    ``blocks.5.hook_mlp_out`` -> ``hook_mlp_out``; ``blocks.3.attn.hook_z`` -> ``attn.hook_z``;
+    ``hook_embed`` -> ``hook_embed``; a decoder-layer output name (``model.layers.L``,
+    ``transformer.h.L``, as :func:`layer_from_hook_name` reads it) -> ``hook_resid_post``;
+    any other name is returned as it is. ``hook_name`` is used when given, else
+    ``hf_hook_name``; ``None`` when neither is known.
+    """
+    name = hook_name or hf_hook_name
+    if not name:
+        return None
+    m = _TL_BLOCK_RE.match(name)
+    if m:
+        return m.group(1)
+    return "hook_resid_post" if _HF_LAYER_RE.search(name) else name
 
 
 # --- small readers shared with foreign.py --------------------------------------------------
@@ -201,16 +227,18 @@ def build_sae(
     b_enc: Tensor,
     b_dec: Tensor,
     W_dec: Tensor | None = None,
-    threshold: Tensor | None = None,
+    latent_tensors: Mapping[str, Tensor] | None = None,
     device: torch.device | str | None = None,
     source: str,
 ) -> SparseAutoencoder:
-    """A :class:`SparseAutoencoder` holding the given weights (shapes already checked).
+    """A :class:`SparseAutoencoder` of ``cfg.architecture`` holding the given weights (shapes
+    already checked).
 
     ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``b_dec [d_in]``, ``W_dec [d_sae, d_in]``
-    (``None`` only when ``cfg.tied``), ``threshold [d_sae]`` (JumpReLU). The module is first
-    built on the meta device and the tensors are then assigned, so no random init and no
-    second copy of the weights is made. ``source`` (the file) prefixes config errors.
+    (``None`` only when ``cfg.tied``), ``latent_tensors``: the architecture's extra
+    ``[d_sae]`` tensors by name (JumpReLU: ``threshold``). The module is first built on the
+    meta device and the tensors are then assigned, so no random init and no second copy of
+    the weights is made. ``source`` (the file) prefixes config errors.
     """
     try:
         cfg.validate()
@@ -227,10 +255,12 @@ def build_sae(
         if W_dec is None:
             raise SAEError(f"{source}: an untied SAE needs a decoder matrix W_dec.")
         state["W_dec_free"] = prep(W_dec)
-    if cfg.architecture == "jumprelu":
-        if threshold is None:
-            raise SAEError(f"{source}: a JumpReLU SAE needs a threshold tensor.")
-        state["threshold"] = prep(threshold)
+    cls = sae_class(cfg.architecture)
+    for name in cls.latent_tensors:
+        tensor = (latent_tensors or {}).get(name)
+        if tensor is None:
+            raise SAEError(f"{source}: a {cls.title} SAE needs a {name} tensor [d_sae].")
+        state[name] = prep(tensor)
     with torch.device("meta"):
         sae = SparseAutoencoder(cfg)
     sae.load_state_dict(state, assign=True)
@@ -335,6 +365,12 @@ def saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
     import steerlex
 
     c = sae.cfg
+    cls = type(sae)
+    if cls.saelens_architecture is None:
+        raise SAEError(
+            f"A {cls.title} SAE has no SAELens inference form of its own; pass "
+            "sae.for_inference() (save_sae does)."
+        )
     if c.norm_scale != 1.0 or c.tied:
         raise SAEError("saelens_cfg needs a folded SAE; call sae.folded() first.")
     metadata: dict[str, Any] = {
@@ -345,8 +381,12 @@ def saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
         metadata["model_name"] = c.model_spec
     if c.layer is not None:
         metadata["hook_name"] = hook_name_for_layer(c.layer)
+    elif c.extra.get("saelens_hook_name"):  # a loaded SAE of a hook steerlex has no layer for
+        metadata["hook_name"] = c.extra["saelens_hook_name"]
     if c.hf_hook_name:
         metadata["hf_hook_name"] = c.hf_hook_name
+    if c.extra.get("training_architecture"):  # as SAELens records e.g. BatchTopK -> JumpReLU
+        metadata["training_architecture"] = c.extra["training_architecture"]
     metadata["steerlex"] = {
         "format_version": STEERLEX_BLOCK_VERSION,
         "steerlex_version": steerlex.__version__,
@@ -362,21 +402,23 @@ def saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if c.architecture == "topk":
+    if "k" in cls.saelens_keys:
         out["k"] = c.k
-        out["rescale_acts_by_decoder_norm"] = False
-    out["architecture"] = _TO_SAELENS[c.architecture]
+    if "rescale_acts_by_decoder_norm" in cls.saelens_keys:
+        out["rescale_acts_by_decoder_norm"] = False  # decoder norms are folded on loading
+    out["architecture"] = cls.saelens_architecture
     return out
 
 
 def save_sae(sae: SparseAutoencoder, directory: str | Path, *, overwrite: bool = False) -> Path:
     """Save ``sae`` as a SAELens v6 directory (``cfg.json`` + ``sae_weights.safetensors``).
 
-    Writes ``sae.folded()`` so the files act on raw activations. The write is atomic (temp
-    directory + rename). Saving the same SAE again is a no-op; replacing a different SAE
-    needs ``overwrite=True``. Returns the directory.
+    Writes ``sae.for_inference().folded()`` so the files act on raw activations (a BatchTopK
+    SAE is written as JumpReLU). The write is atomic (temp directory + rename). Saving the
+    same SAE again is a no-op; replacing a different SAE needs ``overwrite=True``. Returns
+    the directory.
     """
-    folded = sae.folded()
+    folded = sae.for_inference().folded()
     cfg = saelens_cfg(folded)
     try:
         text = json.dumps(cfg, indent=2) + "\n"
@@ -406,6 +448,15 @@ def _require_int(raw: Mapping[str, Any], key: str, cfg_path: Path) -> int:
     return value
 
 
+def _saelens_classes() -> dict[str, type[SparseAutoencoder]]:
+    """SAELens architecture name -> the registered class saved and loaded as it."""
+    return {
+        cls.saelens_architecture: cls
+        for _, cls in SAE_ARCHITECTURES.items()
+        if cls.saelens_architecture is not None
+    }
+
+
 def _saelens_architecture(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, int | None]:
     """(SAELens architecture, k) of a v6 or pre-6 config."""
     arch = raw.get("architecture")
@@ -416,10 +467,11 @@ def _saelens_architecture(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, 
         arch, k = "topk", kwargs["k"]  # pre-6 TopK configs
     if arch is None:
         arch = "standard"
-    if not isinstance(arch, str) or arch not in _FROM_SAELENS:
+    known = _saelens_classes()
+    if not isinstance(arch, str) or arch not in known:
         raise SAEError(
             f"SAE config {cfg_path} has architecture {arch!r}, which steerlex cannot load; "
-            f"supported SAELens architectures: {', '.join(sorted(_FROM_SAELENS))}. Use an SAE "
+            f"supported SAELens architectures: {', '.join(sorted(known))}. Use an SAE "
             "of one of these kinds, or train one with `steerlex train-sae`."
         )
     if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
@@ -443,6 +495,44 @@ def _steerlex_block(raw: Mapping[str, Any], cfg_path: Path) -> dict[str, Any] | 
     return block
 
 
+def _saelens_provenance(
+    raw: Mapping[str, Any], cfg_path: Path, arch: str, norm: str
+) -> dict[str, Any]:
+    """The :data:`PROVENANCE_FIELDS` of a SAELens config: from the steerlex block when there
+    is one, else from SAELens's metadata (model, hook names, hook kind, source)."""
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta = meta or {}
+    block = _steerlex_block(raw, cfg_path)
+    if block is not None:
+        prov = {key: block["config"].get(key) for key in PROVENANCE_FIELDS}
+        prov["extra"] = dict(prov.get("extra") or {})
+    else:
+        hook = meta.get("hook_name", raw.get("hook_name", raw.get("hook_point")))
+        hf_hook = meta.get("hf_hook_name")
+        layer = layer_from_hook_name(hook)
+        if layer is None:
+            layer = layer_from_hook_name(hf_hook)
+        extra: dict[str, Any] = {"source_format": "saelens", "saelens_architecture": arch}
+        if hook:
+            extra["saelens_hook_name"] = hook
+        kind = hook_kind(hook, hf_hook)
+        if kind is not None:
+            extra["hook_kind"] = kind
+        if meta.get("training_architecture"):
+            extra["training_architecture"] = meta["training_architecture"]
+        if norm != "none":
+            extra["saelens_normalize_activations"] = norm
+        prov = {
+            "model_spec": meta.get("model_name", raw.get("model_name")),
+            "weights_id": None,
+            "layer": layer,
+            "hf_hook_name": hf_hook,
+            "keep": None,
+            "extra": extra,
+        }
+    return prov
+
+
 def load_saelens(
     directory: str | Path,
     *,
@@ -454,7 +544,8 @@ def load_saelens(
 
     Architectures: ``topk``, ``standard`` (ReLU), ``jumprelu``. TopK SAEs saved with
     ``rescale_acts_by_decoder_norm`` get the decoder norms folded into the encoder (same
-    outputs). Normalisations that SAELens's inference SAE treats as the identity (``none``,
+    outputs). The architecture's class comes from the registry (``saelens_architecture``).
+    Normalisations that SAELens's inference SAE treats as the identity (``none``,
     ``expected_average_only_in``, ``covariance_whitening``: folded at the end of training) are
     treated the same way; per-token ones (``layer_norm``, ``constant_norm_rescale``) raise.
     ``k`` overrides a TopK SAE's k. Provenance (model, layer, ...) comes from
@@ -467,9 +558,12 @@ def load_saelens(
     d_in = _require_int(raw, "d_in", cfg_path)
     d_sae = _require_int(raw, "d_sae", cfg_path)
     arch, file_k = _saelens_architecture(raw, cfg_path)
-    architecture = _FROM_SAELENS[arch]
-    if k is not None and architecture != "topk":
-        raise SAEError(f"k={k} applies only to TopK SAEs; {directory} is a '{arch}' SAE.")
+    cls = _saelens_classes()[arch]
+    if k is not None and not cls.uses_k:
+        raise SAEError(
+            f"k={k} applies only to TopK SAEs (those that keep the k largest latents); "
+            f"{directory} is a '{arch}' ({cls.title}) SAE."
+        )
 
     norm = raw.get("normalize_activations", "none")
     if isinstance(norm, bool) or norm is None:  # pre-6 configs
@@ -495,8 +589,7 @@ def load_saelens(
         "b_enc": (d_sae,),
         "b_dec": (d_in,),
     }
-    if architecture == "jumprelu":
-        expected["threshold"] = (d_sae,)
+    expected.update({name: (d_sae,) for name in cls.latent_tensors})
     check_tensors(
         tensors,
         expected,
@@ -512,42 +605,20 @@ def load_saelens(
                 tensors, {key: (d_sae,)}, weights_path=weights_path, cfg_desc=str(cfg_path)
             )
             W_dec = W_dec.to(compute) * tensors[key].to(compute)[:, None]
-    if architecture == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+    if "rescale_acts_by_decoder_norm" in cls.saelens_keys and raw.get(
+        "rescale_acts_by_decoder_norm"
+    ):
         norms = W_dec.to(compute).norm(dim=-1).clamp_min(1e-8)
         W_enc = W_enc.to(compute) * norms[None, :]
         b_enc = b_enc.to(compute) * norms
         W_dec = W_dec.to(compute) / norms[:, None]
 
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    meta = meta or {}
-    block = _steerlex_block(raw, cfg_path)
-    if block is not None:
-        prov = {key: block["config"].get(key) for key in PROVENANCE_FIELDS}
-        prov["extra"] = dict(prov.get("extra") or {})
-    else:
-        hook = meta.get("hook_name", raw.get("hook_name", raw.get("hook_point")))
-        hf_hook = meta.get("hf_hook_name")
-        layer = layer_from_hook_name(hook)
-        if layer is None:
-            layer = layer_from_hook_name(hf_hook)
-        extra: dict[str, Any] = {"source_format": "saelens", "saelens_architecture": arch}
-        if hook:
-            extra["saelens_hook_name"] = hook
-        if norm != "none":
-            extra["saelens_normalize_activations"] = norm
-        prov = {
-            "model_spec": meta.get("model_name", raw.get("model_name")),
-            "weights_id": None,
-            "layer": layer,
-            "hf_hook_name": hf_hook,
-            "keep": None,
-            "extra": extra,
-        }
+    prov = _saelens_provenance(raw, cfg_path, arch, norm)
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
-        k=(k if k is not None else file_k) if architecture == "topk" else None,
-        architecture=architecture,
+        k=(k if k is not None else file_k) if cls.uses_k else None,
+        architecture=cls.name,
         tied=False,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
         norm_scale=1.0,
@@ -560,7 +631,7 @@ def load_saelens(
         b_enc=b_enc,
         b_dec=tensors["b_dec"],
         W_dec=W_dec,
-        threshold=tensors.get("threshold"),
+        latent_tensors={name: tensors[name] for name in cls.latent_tensors},
         device=device,
         source=str(cfg_path),
     )

@@ -1,4 +1,10 @@
-"""Train a TopK SAE on an activation store: single process or data-parallel.
+"""Train a TopK or BatchTopK SAE on an activation store: single process or data-parallel.
+
+``architecture`` picks how latents are selected during training (any registered
+architecture whose class is ``trainable``): ``"topk"`` keeps the ``k`` largest latents of
+every token; ``"batchtopk"`` keeps the ``k * n`` largest of each batch of ``n`` tokens
+(per data stream) and is saved as a JumpReLU SAE with the threshold it learned (see
+:mod:`steerlex.sae.architectures.batchtopk`). Everything else is the same for both.
 
 The loss is the normalised MSE ``mean_rows ||x - x̂||² / var(x)`` with ``var(x)`` a
 constant measured once on an initial sample, plus ``auxk_coef`` times an AuxK loss
@@ -9,13 +15,16 @@ residual. ``k`` can be annealed linearly from ``k_start`` to ``k`` (the paper:
 Data: the store's shards are split into ``streams`` (shard ``i`` goes to stream
 ``i % streams``); each step takes ``batch_size / streams`` rows from every stream.
 Under ``torchrun`` with W processes there are W streams and rank r reads only
-stream r's shards; gradients, firing counts and the AuxK normaliser are
-all-reduced, so W processes compute what one process with ``streams=W`` computes.
+stream r's shards; gradients, firing counts and the AuxK normaliser (and BatchTopK's
+threshold minimum) are all-reduced, and BatchTopK selects within each stream's rows, so W
+processes compute what one process with ``streams=W`` computes.
 
-Checkpoints (``checkpoints/step_XXXXXXX.pt``, the two latest kept) hold weights,
-optimizer, RNG state, stream positions and firing counters, so a killed run
-resumes exactly. A non-finite batch or loss stops the run, names the step, and
-leaves the last good checkpoint in place.
+Checkpoints (``checkpoints/step_XXXXXXX.pt``, the two latest kept) hold weights (and the
+architecture's buffers, e.g. BatchTopK's running threshold), optimizer, RNG state, stream
+positions and firing counters, so a killed run resumes exactly. A checkpoint written before
+an option existed resumes with that option's default (e.g. ``architecture="topk"``). A
+non-finite batch or loss stops the run, names the step, and leaves the last good
+checkpoint in place.
 """
 
 from __future__ import annotations
@@ -35,10 +44,10 @@ from tqdm.auto import tqdm
 
 import steerlex
 from steerlex.activations.store import ActivationStore
-from steerlex.core.config import from_dict_strict
+from steerlex.core.config import from_dict_strict, option
 from steerlex.core.errors import SAEError, TrainingDiverged
 from steerlex.core.io import atomic_path, write_json_atomic
-from steerlex.sae.base import SAEConfig, SparseAutoencoder
+from steerlex.sae.base import SAEConfig, SparseAutoencoder, trainable_architectures
 
 CHECKPOINTS = "checkpoints"
 LOG = "train_log.jsonl"
@@ -48,30 +57,51 @@ LOG = "train_log.jsonl"
 class TrainConfig:
     """Training options; every field is saved with the SAE (``training.json``)."""
 
-    d_sae: int = 4096
-    k: int = 32
-    k_start: int | None = None  # anneal from this k (None: no annealing)
-    k_anneal_steps: int = 0
-    tied: bool = False
-    b_dec_init: str = "mean"  # "mean", "geometric_median" or "zeros"
-    normalize_activations: bool = True  # scale inputs to mean squared norm d_in
-    lr: float = 5e-4
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # linear decay to 0 over this last share of steps
-    batch_size: int = 1024  # tokens per optimizer step (all streams/ranks together)
-    tokens: int | None = None  # training tokens (default: one pass over the store)
-    auxk_coef: float = 1 / 32
-    auxk_k: int | None = None  # default d_in // 2
-    dead_tokens: int = 200_000
-    seed: int = 0
-    streams: int = 1
-    shards_in_memory: int = 4
-    init_sample_tokens: int = 16_384
-    checkpoint_every: int = 500
-    log_every: int = 25
-    device: str = "cpu"
+    architecture: str = option(
+        "topk", choices=trainable_architectures,
+        help="topk (k largest latents per token) or batchtopk (k * batch largest per batch; "
+        "saved as JumpReLU with the learned threshold)",
+    )  # fmt: skip
+    d_sae: int = option(4096, help="number of latents")
+    k: int = option(32, help="active latents per token")
+    k_start: int | None = option(
+        None, help="anneal k linearly from this value (paper: 200 -> 20; default: no annealing)"
+    )
+    k_anneal_steps: int = option(0, help="steps over which k is annealed")
+    tied: bool = option(False, help="tie the decoder to the encoder (the paper's variant)")
+    b_dec_init: str = option(
+        "mean", choices=("mean", "geometric_median", "zeros"), help="decoder bias init"
+    )
+    normalize_activations: bool = option(
+        True, help="scale inputs to mean squared norm d_in (stored in the SAE)"
+    )
+    lr: float = option(5e-4, help="Adam learning rate")
+    warmup_steps: int = option(100, help="linear warm-up steps")
+    decay_fraction: float = option(0.2, help="share of steps at the end with linear decay to 0")
+    batch_size: int = option(1024, help="tokens per optimizer step (all processes together)")
+    tokens: int | None = option(None, help="training tokens (default: one pass over the store)")
+    auxk_coef: float = option(1 / 32, help="weight of the AuxK loss for dead latents")
+    auxk_k: int | None = option(None, help="latents used by AuxK (default: d_in / 2)")
+    dead_tokens: int = option(
+        200_000, help="a latent is dead after this many tokens without firing"
+    )
+    seed: int = option(0, help="random seed")
+    streams: int = option(1, help="data streams (set by torchrun to the number of processes)")
+    shards_in_memory: int = option(4, help="shards mixed in memory when shuffling")
+    init_sample_tokens: int = option(
+        16_384, help="tokens used to set b_dec, the scale and the variance"
+    )
+    checkpoint_every: int = option(500, help="steps between checkpoints")
+    log_every: int = option(25, help="steps between log lines")
+    device: str = option("cpu", help="torch device")
 
     def validate(self, d_in: int) -> None:
+        trainable = trainable_architectures()
+        if self.architecture not in trainable:
+            raise SAEError(
+                f"steerlex trains {', '.join(trainable)} SAEs, not {self.architecture!r}; "
+                f"choose architecture (CLI: --architecture) {' or '.join(trainable)}."
+            )
         if self.k < 1 or self.k > self.d_sae:
             raise SAEError(f"k={self.k} must be between 1 and d_sae={self.d_sae}.")
         if self.k_start is not None and not self.k <= self.k_start <= self.d_sae:
@@ -87,8 +117,11 @@ class TrainConfig:
                 f"batch_size={self.batch_size} must be a positive multiple of the number of "
                 f"streams/processes ({self.streams})."
             )
-        if self.lr <= 0 or not 0 <= self.decay_fraction < 1:
-            raise SAEError("lr must be positive and decay_fraction in [0, 1).")
+        if not self.lr > 0 or not 0 <= self.decay_fraction < 1:  # NaN fails lr > 0
+            raise SAEError(
+                f"lr={self.lr} must be a positive number and decay_fraction={self.decay_fraction} "
+                "in [0, 1)."
+            )
         if self.tokens is not None and self.tokens < self.batch_size:
             raise SAEError(f"tokens={self.tokens} is less than one batch ({self.batch_size}).")
         if d_in < 1:
@@ -227,6 +260,12 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -241,8 +280,9 @@ def train_sae(
     """Train (or resume training) an SAE on ``store``; save it in ``out_dir``.
 
     ``on_step(step)`` runs after each completed step and checkpoint (tests use it to
-    simulate a kill). Returns the trained SAE (with ``norm_scale`` set; the saved
-    file holds the folded, raw-space form).
+    simulate a kill). Returns the trained SAE in its inference form (``for_inference()``:
+    JumpReLU for BatchTopK), with ``norm_scale`` set; the saved file holds the folded,
+    raw-space form of the same SAE.
     """
     from steerlex.sae.formats import save_sae
 
@@ -272,6 +312,7 @@ def train_sae(
     torch.manual_seed(cfg.seed)
     stats = init_stats(store, cfg)
     sae_cfg = SAEConfig(
+        architecture=cfg.architecture,
         d_in=store.d_model,
         d_sae=cfg.d_sae,
         k=cfg.k,
@@ -333,7 +374,7 @@ def train_sae(
                     f"{_last_good(ckpt_dir)}"
                 )
             metrics = _train_step(
-                sae, opt, x, k_at(step, cfg), cfg, stats, since_fired, auxk_k, world
+                sae, opt, x, k_at(step, cfg), cfg, stats, since_fired, auxk_k, world, len(streams)
             )
             if not math.isfinite(metrics["loss"]):
                 raise TrainingDiverged(
@@ -390,7 +431,7 @@ def train_sae(
                 "steerlex_version": steerlex.__version__,
             },
         )
-    return sae
+    return sae.for_inference()
 
 
 def _train_step(
@@ -403,18 +444,19 @@ def _train_step(
     since_fired: torch.Tensor,
     auxk_k: int,
     world: int,
+    groups: int,
 ) -> dict[str, float]:
+    """One optimizer step on ``x`` (``groups`` data-stream blocks of rows); returns metrics."""
     pre = sae.pre_acts(x)
-    top = torch.topk(pre, k, dim=-1, sorted=False)
-    values = torch.relu(top.values)
-    recon = sae.decode_topk(values, top.indices)
+    values, indices = sae.training_codes(pre, k, groups=groups)
+    recon = sae.decode_sparse(values, indices)
     err = x - recon
     sq = err.pow(2).sum(-1)
     loss = sq.mean() / stats.data_var
 
     # firing counters (global across ranks)
     fired = torch.zeros_like(since_fired)
-    fired.scatter_add_(0, top.indices.reshape(-1), (values.reshape(-1) > 0).long())
+    fired.scatter_add_(0, indices.reshape(-1), (values.reshape(-1) > 0).long())
     _all_reduce_sum(fired)
     since_fired += x.shape[0] * world
     since_fired[fired > 0] = 0
@@ -426,7 +468,7 @@ def _train_step(
         masked = pre.masked_fill(~dead, float("-inf"))
         atop = torch.topk(masked, min(auxk_k, n_dead), dim=-1, sorted=False)
         avals = torch.relu(atop.values)
-        ahat = sae.decode_topk(avals, atop.indices) - sae.b_dec / sae.cfg.norm_scale
+        ahat = sae.decode_sparse(avals, atop.indices) - sae.b_dec / sae.cfg.norm_scale
         target = err.detach()
         norm = _all_reduce_sum(torch.stack([target.pow(2).sum(), torch.tensor(float(x.shape[0]))]))
         aux = (target - ahat).pow(2).sum(-1).mean() / (norm[0] / norm[1]).clamp_min(1e-12)
@@ -442,6 +484,7 @@ def _train_step(
     sae.remove_parallel_decoder_grad()
     opt.step()
     sae.normalize_decoder()
+    learned = sae.observe_training_codes(values, _all_reduce_min)
 
     with torch.no_grad():
         stat = _all_reduce_sum(
@@ -462,6 +505,7 @@ def _train_step(
         "nmse": float(stat[0] / stat[1]),
         "l0": float(stat[2]) / n,
         "auxk_loss": float(stat[5]) / n,
+        **learned,
     }
 
 
@@ -524,7 +568,8 @@ def _store_fingerprint(store: ActivationStore) -> str:
 def _check_same_run(
     ckpt: dict[str, Any], cfg: TrainConfig, store: ActivationStore, path: Path
 ) -> None:
-    old = ckpt["train_config"]
+    # options added after the checkpoint was written take their defaults (architecture: topk)
+    old = {**asdict(TrainConfig()), **ckpt["train_config"]}
     now = asdict(cfg)
     diffs = [
         k

@@ -1,9 +1,12 @@
-"""Steer a model through SAE features: strategies (pure edits) and a steered generate/chat runtime.
+"""Steer a model: strategies (pure edits, through SAE features or a dense direction) and a
+steered generate/chat runtime.
 
-Feature selection lives in :mod:`steerlex.steer.select`.
+Feature selection lives in :mod:`steerlex.steer.select`; feature lists (ids or
+``selected_*.json``) are read by :func:`steerlex.steer.features.parse_feature_list`.
 """
 
 from steerlex.core.errors import SteeringError
+from steerlex.steer.features import FeatureList, parse_feature_list
 from steerlex.steer.runtime import (
     ActivityStats,
     FeatureActivity,
@@ -20,7 +23,9 @@ from steerlex.steer.strategies import (
     Amplification,
     Calibration,
     Clamp,
-    Condition,
+    DenseDirection,
+    Gate,
+    SAEFeatureStrategy,
     SteeringStrategy,
     feature_pre_acts,
     make_strategy,
@@ -35,8 +40,11 @@ __all__ = [
     "Amplification",
     "Calibration",
     "Clamp",
-    "Condition",
+    "DenseDirection",
     "FeatureActivity",
+    "FeatureList",
+    "Gate",
+    "SAEFeatureStrategy",
     "SteeredModel",
     "SteeredResponse",
     "SteeringError",
@@ -45,4 +53,5 @@ __all__ = [
     "encode_chat",
     "feature_pre_acts",
     "make_strategy",
+    "parse_feature_list",
 ]

@@ -20,11 +20,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from steerlex.core.errors import ConceptError
+from steerlex.explain.method import Side
 
-Side = Literal["output", "input"]
 SIDES: tuple[Side, ...] = ("output", "input")
 
 #: The paper's defence categories (Wu et al., arXiv 2502.15576, Steering).

@@ -1,7 +1,8 @@
-"""Generate and chat with a model steered through SAE features.
+"""Generate and chat with a steered model.
 
 :class:`SteeredModel` wraps a :class:`~steerlex.models.loading.LoadedModel`, an SAE trained on one
-of its layers and a :class:`~steerlex.steer.strategies.SteeringStrategy`. Each ``generate`` /
+of its layers (optional: a dense direction needs none) and a
+:class:`~steerlex.steer.strategies.SteeringStrategy`. Each ``generate`` /
 ``chat`` call installs one scoped hook on that layer (removed when the call returns) that
 
 - edits the layer's output at prefill and at every decoding step (KV cache included);
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from steerlex.core.errors import SteeringError
 from steerlex.models.chat import EncodedPrompt, encode_prompt, has_chat_template
-from steerlex.models.hooks import check_layer, decoder_layers, edit_residual
+from steerlex.models.hooks import check_layer, decoder_layers, edit_residual, residual_width
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SparseAutoencoder
 from steerlex.sae.compat import check_sae_fits
@@ -243,25 +244,29 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> Encode
 
 
 class _SteeringCall:
-    """The hook of one generate call: edits, gate decision and activity records for its batch."""
+    """The hook of one generate call: edits, gate decision and activity records for its batch.
+
+    ``strategy`` may be ``None`` (nothing to edit) and ``sae`` ``None`` (no features to watch):
+    the hook then only counts positions for the reports.
+    """
 
     def __init__(
         self,
-        strategy: SteeringStrategy,
-        sae: SparseAutoencoder,
+        strategy: SteeringStrategy | None,
+        sae: SparseAutoencoder | None,
         prompt_mask: Tensor,
         enabled: bool,
     ) -> None:
         self.strategy = strategy
         self.sae = sae
         self.prompt_mask = prompt_mask
-        self.enabled = enabled
-        self.condition = strategy.condition
-        self.selected = list(strategy.features)
-        self.harm = list(self.condition.features) if self.condition is not None else []
+        self.enabled = enabled and strategy is not None
+        self.gate = strategy.gate if strategy is not None else None
+        self.selected = list(strategy.features) if strategy is not None else []
+        self.harm = list(self.gate.features) if self.gate is not None else []
         self.watched = self.selected + self.harm
         self.calls = 0
-        self.gate: Tensor | None = None
+        self.gate_open: Tensor | None = None
         self.harm_score: Tensor | None = None
         self.prompt: dict[str, Tensor] = {}
         self.steps: list[dict[str, Tensor]] = []
@@ -269,6 +274,29 @@ class _SteeringCall:
     def __call__(self, h: Tensor) -> Tensor:
         with torch.no_grad():
             return self._step(h)
+
+    def _acts(self, h: Tensor, features: list[int]) -> Tensor:
+        """``relu`` pre-activations ``[B, T, len(features)]`` (``[B, T, 0]`` without an SAE)."""
+        if self.sae is None or not features:
+            return torch.zeros(*h.shape[:2], 0, device=h.device)
+        return F.relu(feature_pre_acts(self.sae, h, features))
+
+    def _decide(self, h: Tensor, mask: Tensor, prefill: bool) -> None:
+        """The gate's decision: per row at prefill; token mode opens later rows too."""
+        gate, sae = self.gate, self.sae
+        if gate is None or sae is None:
+            return
+        if prefill:
+            self.harm_score = gate.prompt_score(h, sae, mask)
+            if gate.mode == "prompt":
+                self.gate_open = (self.harm_score >= gate.threshold) & mask.any(dim=1).to(
+                    self.harm_score.device
+                )
+            else:
+                self.gate_open = gate.token_gate(h, sae).to(mask.device).logical_and(mask).any(1)
+        elif gate.mode == "token" and self.gate_open is not None:
+            opened = gate.token_gate(h, sae).to(self.gate_open.device).any(dim=1)
+            self.gate_open = self.gate_open | opened
 
     def _step(self, h: Tensor) -> Tensor:
         prefill = self.calls == 0
@@ -283,24 +311,14 @@ class _SteeringCall:
             mask = self.prompt_mask.to(h.device)
         else:
             mask = torch.ones(batch, width, dtype=torch.bool, device=h.device)
-        cond = self.condition
-        if prefill and cond is not None:
-            self.harm_score = cond.prompt_score(h, self.sae, mask)
-            if cond.mode == "prompt":
-                self.gate = (self.harm_score >= cond.threshold) & mask.any(dim=1).to(
-                    self.harm_score.device
-                )
-            else:
-                self.gate = cond.token_gate(h, self.sae).to(mask.device).logical_and(mask).any(1)
-        elif cond is not None and cond.mode == "token" and self.gate is not None:
-            opened = cond.token_gate(h, self.sae).to(self.gate.device).any(dim=1)
-            self.gate = self.gate | opened
-        before = F.relu(feature_pre_acts(self.sae, h, self.watched))  # [B, T, F]
-        if self.enabled:
-            gate = self.gate if cond is not None and cond.mode == "prompt" else None
-            new = self.strategy(h, self.sae, mask, gate=gate)
+        self._decide(h, mask, prefill)
+        before = self._acts(h, self.watched)  # [B, T, F]
+        if self.enabled and self.strategy is not None:
+            gate = self.gate
+            gate_open = self.gate_open if gate is not None and gate.mode == "prompt" else None
+            new = self.strategy(h, self.sae, mask, gate_open=gate_open)
             edited = (new != h).any(dim=-1)
-            after = F.relu(feature_pre_acts(self.sae, new, self.selected))
+            after = self._acts(new, self.selected)
         else:
             new, edited = h, torch.zeros_like(mask)
             after = before[..., : len(self.selected)]
@@ -311,16 +329,15 @@ class _SteeringCall:
             self.steps.append(record)
         return new
 
-    def reports(self, generated: Sequence[int], description: str) -> list[SteeringReport]:
-        """One report per row; ``generated[i]`` = tokens row ``i`` generated (EOS included)."""
-        if not self.prompt:
-            raise SteeringError("the model never ran through the steered layer; nothing to report.")
+    def _host_stats(self, generated: Sequence[int]) -> dict[str, list[Any]]:
+        """Per-row statistics on the host: feature max/mean over the prompt's editable and the
+        generated positions, before (``p``/``g``) and after (``ps``/``gs``) the edit, and the
+        position counts (``*_count``, ``*_edited``)."""
         p = self.prompt
         device = p["before"].device
         p_mask = p["mask"].to(device)
         p_stats = _stats(p["before"], p_mask), _stats(p["after"], p_mask)
         p_edited = (p["edited"].to(device) & p_mask).sum(dim=1)
-        batch = p_mask.shape[0]
         if self.steps:
             before = torch.cat([s["before"] for s in self.steps], dim=1)
             after = torch.cat([s["after"] for s in self.steps], dim=1)
@@ -333,61 +350,72 @@ class _SteeringCall:
         g_mask = torch.arange(before.shape[1], device=device)[None, :] < fed[:, None]
         g_stats = _stats(before, g_mask), _stats(after, g_mask)
         g_edited = (edited & g_mask).sum(dim=1)
-        n_sel = len(self.selected)
-        host = {
+        return {
             "p_max": p_stats[0][0].tolist(), "p_mean": p_stats[0][1].tolist(),
             "ps_max": p_stats[1][0].tolist(), "ps_mean": p_stats[1][1].tolist(),
             "g_max": g_stats[0][0].tolist(), "g_mean": g_stats[0][1].tolist(),
             "gs_max": g_stats[1][0].tolist(), "gs_mean": g_stats[1][1].tolist(),
+            "p_count": p_mask.sum(dim=1).tolist(), "p_edited": p_edited.tolist(),
+            "g_count": g_mask.sum(dim=1).tolist(), "g_edited": g_edited.tolist(),
         }  # fmt: skip
-        p_count, p_ed = p_mask.sum(dim=1).tolist(), p_edited.tolist()
-        g_count, g_ed = g_mask.sum(dim=1).tolist(), g_edited.tolist()
-        gate: list[Any] = self.gate.tolist() if self.gate is not None else [None] * batch
+
+    def _activities(self, host: dict[str, list[Any]], i: int) -> tuple[FeatureActivity, ...]:
+        """What each watched feature did in row ``i``."""
+        n_sel = len(self.selected)
+        feats = []
+        for j, fid in enumerate(self.watched):
+            js = j if j < n_sel else None
+            own_p = ActivityStats(host["p_max"][i][j], host["p_mean"][i][j])
+            own_g = ActivityStats(host["g_max"][i][j], host["g_mean"][i][j])
+            feats.append(
+                FeatureActivity(
+                    feature=fid,
+                    role="selected" if js is not None else "harm",
+                    prompt=own_p,
+                    generated=own_g,
+                    prompt_steered=(
+                        ActivityStats(host["ps_max"][i][js], host["ps_mean"][i][js])
+                        if js is not None
+                        else own_p
+                    ),
+                    generated_steered=(
+                        ActivityStats(host["gs_max"][i][js], host["gs_mean"][i][js])
+                        if js is not None
+                        else own_g
+                    ),
+                )
+            )
+        return tuple(feats)
+
+    def reports(self, generated: Sequence[int], description: str) -> list[SteeringReport]:
+        """One report per row; ``generated[i]`` = tokens row ``i`` generated (EOS included)."""
+        if not self.prompt:
+            raise SteeringError("the model never ran through the steered layer; nothing to report.")
+        host = self._host_stats(generated)
+        batch = len(host["p_count"])
+        gate_open: list[Any] = (
+            self.gate_open.tolist() if self.gate_open is not None else [None] * batch
+        )
         score: list[Any] = (
             self.harm_score.tolist() if self.harm_score is not None else [None] * batch
         )
-        cond = self.condition
-        out = []
-        for i in range(batch):
-            feats = []
-            for j, fid in enumerate(self.watched):
-                js = j if j < n_sel else None
-                own_p = ActivityStats(host["p_max"][i][j], host["p_mean"][i][j])
-                own_g = ActivityStats(host["g_max"][i][j], host["g_mean"][i][j])
-                feats.append(
-                    FeatureActivity(
-                        feature=fid,
-                        role="selected" if js is not None else "harm",
-                        prompt=own_p,
-                        generated=own_g,
-                        prompt_steered=(
-                            ActivityStats(host["ps_max"][i][js], host["ps_mean"][i][js])
-                            if js is not None
-                            else own_p
-                        ),
-                        generated_steered=(
-                            ActivityStats(host["gs_max"][i][js], host["gs_mean"][i][js])
-                            if js is not None
-                            else own_g
-                        ),
-                    )
-                )
-            out.append(
-                SteeringReport(
-                    strategy=description,
-                    steered=self.enabled,
-                    gate_mode=cond.mode if cond is not None else None,
-                    gate_open=None if gate[i] is None else bool(gate[i]),
-                    harm_score=None if score[i] is None else float(score[i]),
-                    threshold=cond.threshold if cond is not None else None,
-                    prompt_positions=int(p_count[i]),
-                    edited_prompt_positions=int(p_ed[i]),
-                    generated_positions=int(g_count[i]),
-                    edited_generated_positions=int(g_ed[i]),
-                    features=tuple(feats),
-                )
+        gate = self.gate
+        return [
+            SteeringReport(
+                strategy=description,
+                steered=self.enabled,
+                gate_mode=gate.mode if gate is not None else None,
+                gate_open=None if gate_open[i] is None else bool(gate_open[i]),
+                harm_score=None if score[i] is None else float(score[i]),
+                threshold=gate.threshold if gate is not None else None,
+                prompt_positions=int(host["p_count"][i]),
+                edited_prompt_positions=int(host["p_edited"][i]),
+                generated_positions=int(host["g_count"][i]),
+                edited_generated_positions=int(host["g_edited"][i]),
+                features=self._activities(host, i),
             )
-        return out
+            for i in range(batch)
+        ]
 
 
 def _stats(acts: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -409,45 +437,52 @@ PromptInput = str | Sequence[str] | Sequence[Sequence[int]] | Sequence[EncodedPr
 
 
 class SteeredModel:
-    """A model whose layer-``L`` residual stream is edited through SAE features while it generates.
+    """A model whose layer-``L`` residual stream is edited while it generates.
 
     Args:
         loaded: the model and tokenizer (:func:`~steerlex.models.loading.load_model`).
-        sae: an SAE trained on ``loaded``'s layer ``layer``; moved to that layer's device.
-        strategy: the edit (:class:`~steerlex.steer.strategies.Amplification`, ...).
-        layer: 0-based layer to edit; default: the one the SAE records.
+        sae: an SAE trained on ``loaded``'s layer ``layer``, moved to that layer's device; or
+            ``None`` when the strategy needs none (:class:`~steerlex.steer.strategies.DenseDirection`,
+            or no strategy). Without an SAE the reports list no features.
+        strategy: the edit (:class:`~steerlex.steer.strategies.Amplification`, ...); ``None``
+            edits nothing (set :attr:`strategy` later).
+        layer: 0-based layer to edit; default: the one the SAE records (required without one).
         enabled: whether steering starts on (see :attr:`enabled`, :meth:`steering`).
         check_weights: refuse an SAE that records other model weights than ``loaded``'s.
 
     Raises:
-        SteeringError / SAEError: the SAE does not fit the model (width, layer, weights) or the
-            strategy's feature ids are out of range.
+        SteeringError / SAEError: no layer, the SAE does not fit the model (width, layer,
+            weights), the strategy needs an SAE that is not given or its feature ids are out of
+            range.
     """
 
     def __init__(
         self,
         loaded: LoadedModel,
-        sae: SparseAutoencoder,
-        strategy: SteeringStrategy,
+        sae: SparseAutoencoder | None = None,
+        strategy: SteeringStrategy | None = None,
         *,
         layer: int | None = None,
         enabled: bool = True,
         check_weights: bool = True,
     ) -> None:
         model = loaded.model
-        if layer is None:
+        if layer is None and sae is not None:
             layer = sae.cfg.layer
         if layer is None:
             raise SteeringError(
-                "the SAE does not record the layer it was trained on; pass layer=<0-based index> "
-                "(the CLI: --layer)."
-            )
+                ("the SAE does not record the layer it was trained on" if sae is not None
+                 else "without an SAE there is no layer to default to")
+                + "; pass layer=<0-based index> (the CLI: --layer)."
+            )  # fmt: skip
         self.layer = check_layer(model, layer)
-        check_sae_fits(sae, loaded=loaded, layer=self.layer, check_weights=check_weights)
-        block = decoder_layers(model)[1][self.layer]
-        device = next(block.parameters(), None)
-        if device is not None and sae.W_enc.device != device.device:
-            sae.to(device.device)
+        self.d_model = residual_width(model)
+        if sae is not None:
+            check_sae_fits(sae, loaded=loaded, layer=self.layer, check_weights=check_weights)
+            block = decoder_layers(model)[1][self.layer]
+            device = next(block.parameters(), None)
+            if device is not None and sae.W_enc.device != device.device:
+                sae.to(device.device)
         self.loaded = loaded
         self.sae = sae
         self._strategy = self._checked(strategy)
@@ -458,22 +493,29 @@ class SteeredModel:
 
     # --- state ------------------------------------------------------------------------------
 
-    def _checked(self, strategy: SteeringStrategy) -> SteeringStrategy:
+    def _checked(self, strategy: SteeringStrategy | None) -> SteeringStrategy | None:
+        if strategy is None:
+            return None
         if not isinstance(strategy, SteeringStrategy):
             raise SteeringError(
                 f"strategy must be a SteeringStrategy (Amplification, Calibration, Clamp, "
-                f"Ablate), got {type(strategy).__name__}."
+                f"Ablate, DenseDirection) or None, got {type(strategy).__name__}."
             )
-        strategy.check(self.sae)
+        strategy.check(self.sae, self.d_model)
         return strategy
 
     @property
-    def strategy(self) -> SteeringStrategy:
+    def strategy(self) -> SteeringStrategy | None:
+        """The edit calls apply when :attr:`enabled` (``None``: none)."""
         return self._strategy
 
     @strategy.setter
-    def strategy(self, strategy: SteeringStrategy) -> None:
+    def strategy(self, strategy: SteeringStrategy | None) -> None:
         self._strategy = self._checked(strategy)
+
+    def describe(self) -> str:
+        """The strategy's one-line description (``"no steering"`` without one)."""
+        return self._strategy.describe() if self._strategy is not None else "no steering"
 
     @property
     def enabled(self) -> bool:
@@ -650,7 +692,7 @@ class SteeredModel:
         self,
         encoded: list[EncodedPrompt],
         config: Any,
-        strategy: SteeringStrategy,
+        strategy: SteeringStrategy | None,
         enabled: bool,
     ) -> list[SteeredResponse]:
         model, tok = self.loaded.model, self.loaded.tokenizer
@@ -677,7 +719,9 @@ class SteeredModel:
             stop = next((j for j, t in enumerate(row) if t in eos), None)
             kept.append(row if stop is None else row[: stop + 1])
             reasons.append("length" if stop is None else "stop")
-        reports = call.reports([len(k) for k in kept], strategy.describe())
+        reports = call.reports(
+            [len(k) for k in kept], strategy.describe() if strategy is not None else "no steering"
+        )
         out = []
         for e, k, reason, report in zip(encoded, kept, reasons, reports, strict=True):
             body = k[:-1] if reason == "stop" else k

@@ -3,23 +3,24 @@
 :func:`select_features` returns a :class:`FeatureSelection`: feature ids, each with a
 score and a human-readable reason, plus everything needed to reproduce the choice;
 :meth:`FeatureSelection.save` writes it as JSON (the steering code reads
-``features[i]["id"]``). Methods (see docs/selection.md):
+``features[i]["id"]``). Each method has a small frozen options class, passed as
+``select_features``'s third argument (see docs/selection.md):
 
-- ``semantic`` (default, offline): sentence-encoder similarity between a
+- ``semantic`` (:class:`SemanticSelection`, the default; offline): sentence-encoder similarity between a
   :class:`~steerlex.steer.concepts.Concept` and each feature's explanation words. With
   ``scoring="words"`` (default) every explanation word gets its best cosine to the
   concept's anchors (seed words and description) and a feature scores the mean of its
   ``top_m`` best words; words in the top lists of very many features are ignored as
   generic. ``scoring="text"`` embeds the joined word list (or the summary, when there is
   one) and the concept text as two texts.
-- ``llm``: an LLM judge (:class:`~steerlex.explain.summaries.SummaryBackend`) labels each
+- ``llm`` (:class:`LLMSelection`): an LLM judge (:class:`~steerlex.explain.summaries.SummaryBackend`) labels each
   word list with one of the concept's categories (for ``safety``: the paper's defence
   categories) or ``none``; labelled features are selected. Answers are cached on disk,
   failures are warned about, counted and skipped.
-- ``data``: the baseline every explanation-driven choice is compared with: features whose
+- ``data`` (:class:`DataSelection`): the baseline every explanation-driven choice is compared with: features whose
   mean activation on the user's text of chat-formatted prompts differs most between
   harmful and benign prompts.
-- ``manual``: ids given by hand, checked against the SAE.
+- ``manual`` (:class:`ManualSelection`): ids given by hand, checked against the SAE.
 
 Explanations have a side: ``mi``/``paper``/``logitlens`` describe what a feature promotes
 (output side: features to push up, e.g. ``safety``); ``mi-input``/``topact`` what makes it
@@ -37,7 +38,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,19 +48,26 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import steerlex
-from steerlex.core.errors import SelectionError
+from steerlex import text_embed
+from steerlex.core.errors import ConceptError, SelectionError
 from steerlex.core.io import read_json_object, write_bytes_atomic, write_json_atomic
-from steerlex.explain.run import Explanation
+from steerlex.data import load_texts
+from steerlex.data.split import Split, select_split
+from steerlex.explain.method import EXPLANATION_METHODS, Explanation, default_method, method_names
+from steerlex.explain.summaries import (
+    BadAnswer,
+    SummaryBackend,
+    _ask_all,
+    _first_line,
+    words_prompt,
+)
 from steerlex.models.cache import cache_root
+from steerlex.models.chat import prompt_residuals
+from steerlex.models.loading import LoadedModel
+from steerlex.sae.base import SparseAutoencoder
 from steerlex.sae.compat import check_sae_fits
-from steerlex.steer.concepts import Concept, Side, get_concept
-
-if TYPE_CHECKING:
-    from steerlex.data.split import Split
-    from steerlex.explain.summaries import SummaryBackend
-    from steerlex.models.loading import LoadedModel
-    from steerlex.sae.base import SparseAutoencoder
-    from steerlex.text_embed import TextEncoder
+from steerlex.steer.concepts import Concept, Side, concept_from_dict, get_concept
+from steerlex.text_embed import WEIGHTS_SHA256, SentenceEncoder, TextEncoder
 
 Method = Literal["semantic", "llm", "data", "manual"]
 METHODS: tuple[Method, ...] = ("semantic", "llm", "data", "manual")
@@ -67,17 +75,6 @@ Scoring = Literal["words", "text"]
 SCORINGS: tuple[Scoring, ...] = ("words", "text")
 Direction = Literal["harmful", "benign"]
 DIRECTIONS: tuple[Direction, ...] = ("harmful", "benign")
-
-#: Which side of a feature each explanation method describes.
-EXPLANATION_SIDES: dict[str, Side] = {
-    "mi": "output",
-    "paper": "output",
-    "logitlens": "output",
-    "mi-input": "input",
-    "topact": "input",
-}
-#: The explanation method read by default for a concept of each side.
-DEFAULT_EXPLANATION: dict[Side, str] = {"output": "mi", "input": "mi-input"}
 
 #: Default semantic thresholds, chosen on the real 4,096-feature SAEs of
 #: Qwen2.5-Coder-0.5B-Instruct (docs/selection.md): at 0.7 almost every word-scored match
@@ -91,6 +88,9 @@ DEFAULT_GENERIC_SHARE = 0.02
 GENERIC_MIN_COUNT = 20
 #: How many features the data-driven method keeps when neither threshold nor top_n is given.
 DEFAULT_DATA_TOP_N = 20
+#: Prompts per forward pass and tokens per prompt of the data-driven method.
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_LENGTH = 256
 FORMAT_VERSION = 1
 
 
@@ -170,9 +170,6 @@ class FeatureSelection:
     @classmethod
     def load(cls, path: str | Path) -> FeatureSelection:
         """Read a file written by :meth:`save`."""
-        from steerlex.core.errors import ConceptError
-        from steerlex.steer.concepts import concept_from_dict
-
         p = Path(path)
         fix = "write it again with `steerlex select`."
         data = read_json_object(p, what="feature selection", fix=fix, error=SelectionError)
@@ -226,13 +223,13 @@ def sae_record(sae: SparseAutoencoder, path: str | Path | None = None) -> dict[s
 
 
 def explanation_side(method: str) -> Side:
-    """``"output"`` or ``"input"``: the side of a feature the explanation method describes."""
-    try:
-        return EXPLANATION_SIDES[method]
-    except KeyError:
+    """``"output"`` or ``"input"``: the side of a feature the explanation method describes
+    (read from the explanation-method registry)."""
+    if method not in EXPLANATION_METHODS:
         raise SelectionError(
-            f"Unknown explanation method '{method}'; known: {', '.join(EXPLANATION_SIDES)}."
-        ) from None
+            f"Unknown explanation method '{method}'; known: {', '.join(method_names())}."
+        )
+    return EXPLANATION_METHODS.get(method).describes
 
 
 def check_explanations(
@@ -305,12 +302,202 @@ def parse_ids(text: str | Sequence[int]) -> list[int]:
     return out
 
 
+def _check_n_words(n_words: int) -> None:
+    """Raise unless ``n_words`` (explanation words read per feature) is at least 1."""
+    if isinstance(n_words, bool) or not isinstance(n_words, int) or n_words < 1:
+        raise SelectionError(f"n_words={n_words!r} must be an integer of at least 1.")
+
+
+def _check_scoring(scoring: str, top_m: int, generic_share: float) -> None:
+    if scoring not in SCORINGS:
+        raise SelectionError(f"Unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}.")
+    if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m < 1:
+        raise SelectionError(
+            f"top_m={top_m!r} must be an integer of at least 1 (the number of best words a "
+            "feature's score averages)."
+        )
+    if (
+        isinstance(generic_share, bool)
+        or not isinstance(generic_share, (int, float))
+        or not 0 < generic_share <= 1
+    ):
+        raise SelectionError(
+            f"generic_share={generic_share!r} must be in (0, 1] (1 keeps every word)."
+        )
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise SelectionError(
+            f"Unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}."
+        )
+
+
+def _check_batching(batch_size: int, max_length: int) -> None:
+    if batch_size < 1 or max_length < 1:
+        raise SelectionError(f"batch_size={batch_size} and max_length={max_length} must be >= 1.")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class SemanticSelection:
+    """Options of the ``semantic`` method: sentence-encoder similarity between the concept
+    and each feature's explanation words (:func:`semantic_scores`). Offline; needs
+    explanations. Bad values raise :class:`SelectionError` here, at construction."""
+
+    name: ClassVar[Method] = "semantic"
+
+    scoring: Scoring = field(
+        default="words",
+        metadata={
+            "help": "words: each explanation word against each seed word, mean of the top_m "
+            "best; text: the joined words (or the summary) against the concept text"
+        },
+    )
+    top_m: int = field(
+        default=DEFAULT_TOP_M,
+        metadata={"help": "words scoring: a feature scores the mean of its top_m best words"},
+    )
+    generic_share: float = field(
+        default=DEFAULT_GENERIC_SHARE,
+        metadata={
+            "help": "words scoring: ignore words in the top lists of more than this share of "
+            f"the features (and of more than {GENERIC_MIN_COUNT}); 1 ignores none"
+        },
+    )
+    encoder: TextEncoder | None = field(
+        default=None,
+        metadata={"help": "the sentence encoder (default: the packaged all-MiniLM-L6-v2)"},
+    )
+
+    def __post_init__(self) -> None:
+        _check_scoring(self.scoring, self.top_m, self.generic_share)
+
+
+@dataclass(frozen=True)
+class LLMSelection:
+    """Options of the ``llm`` method: an LLM judge labels each feature's words with one of
+    the concept's categories or ``none`` (:func:`judge_features`); labelled features are
+    selected. Needs explanations; ``threshold`` does not apply."""
+
+    name: ClassVar[Method] = "llm"
+
+    backend: SummaryBackend = field(
+        metadata={
+            "help": "the judge: an OpenAI-compatible server or a local chat model "
+            "(steerlex.explain.summaries.backend_from_options)"
+        },
+    )
+    cache_dir: str | Path | None = field(
+        default=None,
+        metadata={
+            "help": "where the judge's answers are cached (default <steerlex cache>/selection)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            raise SelectionError(
+                "The 'llm' method needs a judge back end (--llm openai --llm-base-url URL "
+                "--llm-model NAME, or --llm transformers --llm-model SPEC)."
+            )
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """Options of the ``data`` method (the baseline): features whose mean activation on the
+    user's text differs most between harmful and benign prompts (:func:`mean_activations`,
+    :func:`data_scores`). Needs the SAE and its model; explanations only supply the words.
+    The prompt texts are stored as tuples."""
+
+    name: ClassVar[Method] = "data"
+
+    harmful: Sequence[str] = field(
+        metadata={"help": "harmful prompt texts (e.g. selection_prompts(['harmbench']))"}
+    )
+    benign: Sequence[str] = field(
+        metadata={"help": "benign prompt texts (e.g. selection_prompts(['benign']))"}
+    )
+    direction: Direction = field(
+        default="harmful",
+        metadata={"help": "keep features more active on harmful (default) or on benign prompts"},
+    )
+    layer: int | None = field(
+        default=None,
+        metadata={"help": "the SAE's layer (default: the one the SAE records)"},
+    )
+    batch_size: int = field(
+        default=DEFAULT_BATCH_SIZE, metadata={"help": "prompts per forward pass"}
+    )
+    max_length: int = field(
+        default=DEFAULT_MAX_LENGTH, metadata={"help": "tokens per prompt (longer are cut)"}
+    )
+
+    def __post_init__(self) -> None:
+        for what in ("harmful", "benign"):
+            texts = getattr(self, what)
+            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts or ()):
+                raise SelectionError(f"{what} must be a list of prompt texts, got {texts!r:.60}.")
+            object.__setattr__(self, what, tuple(texts or ()))
+        if not self.harmful or not self.benign:
+            raise SelectionError(
+                "The 'data' method needs harmful and benign prompts (e.g. harmbench and benign)."
+            )
+        _check_direction(self.direction)
+        _check_batching(self.batch_size, self.max_length)
+        if self.layer is not None and self.layer < 0:
+            raise SelectionError(f"layer={self.layer} must be a 0-based layer index (>= 0).")
+
+
+@dataclass(frozen=True)
+class ManualSelection:
+    """Options of the ``manual`` method: feature ids chosen by hand, checked against the
+    SAE's ``d_sae`` at selection. ``ids`` is stored as a tuple, duplicates dropped, order
+    kept (:func:`parse_ids` reads ``"12,40,7"``). ``threshold`` and ``top_n`` do not
+    apply."""
+
+    name: ClassVar[Method] = "manual"
+
+    ids: Sequence[int] = field(metadata={"help": "feature ids, in order (duplicates dropped)"})
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            raise SelectionError("The 'manual' method needs feature ids (--ids 12,40,7).")
+        ids = tuple(parse_ids(self.ids))
+        if not ids:
+            raise SelectionError("No feature ids given; pass ids like --ids 12,40,7.")
+        object.__setattr__(self, "ids", ids)
+
+
+#: The options of one selection method; ``type(options).name`` is the method's name.
+SelectionMethod = SemanticSelection | LLMSelection | DataSelection | ManualSelection
+#: The options class of each method name, in the order the CLI lists them.
+METHOD_OPTIONS: dict[Method, type[SelectionMethod]] = {
+    "semantic": SemanticSelection,
+    "llm": LLMSelection,
+    "data": DataSelection,
+    "manual": ManualSelection,
+}
+#: The method used when none is given.
+DEFAULT_METHOD = SemanticSelection()
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """What one method's scoring hands to the picking step: every scored feature (any
+    order), the method's settings for the result, and a phrase for the no-match error."""
+
+    features: list[SelectedFeature]
+    settings: dict[str, Any]
+    what: str
+
+
 # --------------------------------------------------------------------------- semantic
 
 
 def _encoder_id(encoder: TextEncoder) -> str:
-    from steerlex.text_embed import WEIGHTS_SHA256, SentenceEncoder
-
     if isinstance(encoder, SentenceEncoder):
         return f"all-MiniLM-L6-v2 (sha256:{WEIGHTS_SHA256})"
     return str(getattr(encoder, "name", type(encoder).__name__))
@@ -345,8 +532,6 @@ def _embed_words(encoder: TextEncoder, words: Sequence[str], progress: bool) -> 
     """Unit rows for ``words``; for the packaged sentence encoder the vectors are kept on
     disk (``<steerlex cache>/word_vectors``), since every selection on one SAE embeds the
     same few thousand vocabulary words."""
-    from steerlex.text_embed import WEIGHTS_SHA256, SentenceEncoder
-
     if not isinstance(encoder, SentenceEncoder):
         return _embed(encoder, words, progress, f"{len(words)} explanation words")
     path = cache_root() / "word_vectors" / f"minilm-{WEIGHTS_SHA256[:16]}.safetensors"
@@ -412,13 +597,8 @@ def semantic_scores(
     ``scoring="text"``: the cosine between the joined words (or the summary, when present)
     and ``"<description>: <seed words>"``. Scores are cosines, in [-1, 1].
     """
-    if scoring not in SCORINGS:
-        raise SelectionError(f"Unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}.")
-    if n_words < 1 or top_m < 1 or not 0 < generic_share <= 1:
-        raise SelectionError(
-            f"n_words={n_words} and top_m={top_m} must be >= 1 and generic_share="
-            f"{generic_share} in (0, 1]."
-        )
+    _check_scoring(scoring, top_m, generic_share)
+    _check_n_words(n_words)
     usable = [e for e in explanations if e.words or (scoring == "text" and e.summary)]
     if not usable:
         raise SelectionError(
@@ -490,6 +670,35 @@ def _text_scores(
     return out
 
 
+def _semantic_method(
+    explanations: Sequence[Explanation],
+    concept: Concept,
+    options: SemanticSelection,
+    *,
+    n_words: int,
+    progress: bool,
+) -> _Scores:
+    """The ``semantic`` method: :func:`semantic_scores` under ``options``, and its settings."""
+    encoder = options.encoder
+    if encoder is None:  # read through the module, so that tests can swap in a fake
+        encoder = text_embed.load_sentence_encoder()
+    scored = semantic_scores(
+        explanations, concept, encoder, scoring=options.scoring, n_words=n_words,
+        top_m=options.top_m, generic_share=options.generic_share, progress=progress,
+    )  # fmt: skip
+    by_words = options.scoring == "words"
+    settings = {
+        "scoring": options.scoring,
+        "n_words": n_words,
+        "top_m": options.top_m if by_words else None,
+        "generic_share": options.generic_share if by_words else None,
+        "encoder": _encoder_id(encoder),
+    }
+    return _Scores(
+        scored, settings, f"{options.scoring} scoring of {len(scored)} explained features"
+    )
+
+
 # --------------------------------------------------------------------------- LLM judge
 
 JUDGE_SYSTEM = """\
@@ -520,8 +729,6 @@ def parse_category(answer: object, labels: Sequence[str]) -> str:
     A label also matches by its first word ("ethical" for "ethical and safe behaviour").
     Raises :class:`~steerlex.explain.summaries.BadAnswer` when no label, or several, are named.
     """
-    from steerlex.explain.summaries import BadAnswer, _first_line
-
     line = _first_line(answer).lower().strip(" .!\"'`")
     if re.fullmatch(r"(none|no|not applicable|n/?a)\b.*", line):
         return "none"
@@ -600,10 +807,7 @@ def judge_features(
     :func:`default_judge_cache_dir`); a failed call or an unusable answer costs that
     feature its label (a ``SummaryWarning``, counted), never the run.
     """
-    from steerlex.explain.summaries import _ask_all, words_prompt
-
-    if n_words < 1:
-        raise SelectionError(f"n_words={n_words} must be at least 1.")
+    _check_n_words(n_words)
     system = judge_system(concept)
     labels = concept.labels
     items = [
@@ -632,6 +836,43 @@ def judge_features(
     return dict(outcome.values), report
 
 
+def _llm_method(
+    explanations: Sequence[Explanation],
+    concept: Concept,
+    options: LLMSelection,
+    *,
+    n_words: int,
+    progress: bool,
+) -> _Scores:
+    """The ``llm`` method: every feature the judge labelled with a category (not ``none``)
+    scores 1.0; judge failures are warned about once and skipped."""
+    labels, report = judge_features(
+        explanations, concept, options.backend, n_words=n_words, cache_dir=options.cache_dir,
+        progress=progress,
+    )  # fmt: skip
+    if report.failed:
+        warnings.warn(
+            f"The LLM judge gave no usable answer for {report.failed} of {report.total} "
+            f"features (first: {sorted(report.failures)[:5]}); they were skipped. Rerun "
+            "to retry them: finished answers are cached.",
+            stacklevel=4,  # the caller of select_features
+        )
+    words = {e.feature: tuple(e.words[:n_words]) for e in explanations}
+    scored = [
+        SelectedFeature(
+            id=c,
+            score=1.0,
+            reason=f"the LLM judge labelled its words '{lab}'",
+            words=words[c],
+            details={"category": lab},
+        )
+        for c, lab in sorted(labels.items())
+        if lab != "none"
+    ]
+    settings = {"n_words": n_words, "judge": report.to_json(), "categories": list(concept.labels)}
+    return _Scores(scored, settings, report.describe())
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -646,9 +887,6 @@ def selection_prompts(
     source, at most ``limit`` per source. The default ``train`` part leaves the
     ``heldout`` part (the same texts ``steerlex harvest --split heldout`` takes) for
     evaluating the steering."""
-    from steerlex.data import load_texts
-    from steerlex.data.split import select_split
-
     if not sources:
         raise SelectionError("Give at least one prompt source (a named set or a file).")
     if limit is not None and limit < 1:
@@ -672,8 +910,8 @@ def mean_activations(
     texts: Sequence[str],
     *,
     layer: int,
-    batch_size: int = 8,
-    max_length: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
     system_prompt: str | None = None,
     progress: bool = True,
     desc: str = "prompts",
@@ -685,10 +923,7 @@ def mean_activations(
     of the user's own text, ``encode_prompt``'s content span, count), raw otherwise; the
     model runs up to ``layer`` only. Prompts with no content token are skipped.
     """
-    from steerlex.models.chat import prompt_residuals
-
-    if batch_size < 1 or max_length < 1:
-        raise SelectionError(f"batch_size={batch_size} and max_length={max_length} must be >= 1.")
+    _check_batching(batch_size, max_length)
     total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     counted = 0
     sae_device = sae.W_enc.device
@@ -719,10 +954,7 @@ def data_scores(
 ) -> list[SelectedFeature]:
     """Features whose mean activation is higher on the ``direction`` group, scored by the
     difference (``harmful - benign``, or the reverse), with both means in ``details``."""
-    if direction not in DIRECTIONS:
-        raise SelectionError(
-            f"Unknown direction {direction!r}; use one of {', '.join(DIRECTIONS)}."
-        )
+    _check_direction(direction)
     diff = mean_harmful - mean_benign if direction == "harmful" else mean_benign - mean_harmful
     words = {e.feature: tuple(e.words[:n_words]) for e in explanations or ()}
     other = "benign" if direction == "harmful" else "harmful"
@@ -749,7 +981,187 @@ def data_scores(
     return out
 
 
+def _data_method(
+    explanations: Sequence[Explanation] | None,
+    options: DataSelection,
+    *,
+    sae: SparseAutoencoder | None,
+    loaded: LoadedModel | None,
+    n_words: int,
+    progress: bool,
+) -> _Scores:
+    """The ``data`` method: :func:`mean_activations` of both prompt groups on ``sae`` (which
+    must fit ``loaded``), scored by :func:`data_scores`; explanations only give the words."""
+    if sae is None or loaded is None:
+        raise SelectionError("The 'data' method needs the SAE and its model.")
+    layer = options.layer if options.layer is not None else sae.cfg.layer
+    if layer is None:
+        raise SelectionError(
+            "The SAE does not record its layer; pass the layer it was trained on (--layer)."
+        )
+    check_sae_fits(sae, loaded=loaded, layer=layer)
+    kw: dict[str, Any] = dict(
+        layer=layer, batch_size=options.batch_size, max_length=options.max_length,
+        progress=progress,
+    )  # fmt: skip
+    m_h = mean_activations(loaded, sae, options.harmful, desc="harmful prompts", **kw)
+    m_b = mean_activations(loaded, sae, options.benign, desc="benign prompts", **kw)
+    direction = options.direction
+    scored = data_scores(m_h, m_b, direction=direction, explanations=explanations, n_words=n_words)
+    settings = {
+        "direction": direction,
+        "layer": layer,
+        "n_harmful": len(options.harmful),
+        "n_benign": len(options.benign),
+        "batch_size": options.batch_size,
+        "max_length": options.max_length,
+        "positions": "content",
+        "model": loaded.spec,
+        "model_weights_id": loaded.weights_id,
+    }
+    what = f"difference of mean activations, {direction} minus the other group"
+    return _Scores(scored, settings, what)
+
+
+# --------------------------------------------------------------------------- manual
+
+
+def manual_features(
+    explanations: Sequence[Explanation] | None,
+    options: ManualSelection,
+    sae: SparseAutoencoder | None,
+    *,
+    n_words: int = DEFAULT_N_WORDS,
+) -> list[SelectedFeature]:
+    """The hand-picked ids of ``options``, in their order, each with score 1.0 and its first
+    ``n_words`` explanation words (when ``explanations`` has it); raises unless every id is
+    a feature of ``sae``."""
+    if sae is None:
+        raise SelectionError("The 'manual' method needs the SAE, to check the ids.")
+    d_sae = sae.cfg.d_sae
+    bad = [c for c in options.ids if c >= d_sae]
+    if bad:
+        raise SelectionError(
+            f"Feature ids {bad[:5]} are out of range; this SAE has features 0..{d_sae - 1}."
+        )
+    words = {e.feature: tuple(e.words[:n_words]) for e in explanations or ()}
+    return [SelectedFeature(c, 1.0, "chosen by hand", words.get(c, ())) for c in options.ids]
+
+
 # --------------------------------------------------------------------------- selection
+
+
+def _check_common(method: object, threshold: float | None, top_n: int | None, n_words: int) -> None:
+    """Raise unless ``method`` is an options object and the common limits make sense."""
+    if not isinstance(method, tuple(METHOD_OPTIONS.values())):
+        names = ", ".join(f"{cls.__name__}(...)" for cls in METHOD_OPTIONS.values())
+        raise SelectionError(
+            f"Unknown selection method {method!r}; pass the options of one method: {names} "
+            "from steerlex.steer.select."
+        )
+    if top_n is not None and top_n < 1:
+        raise SelectionError(f"top_n must be at least 1, got {top_n}.")
+    if threshold is not None and not math.isfinite(threshold):
+        raise SelectionError(f"threshold must be a finite number, got {threshold}.")
+    _check_n_words(n_words)
+
+
+def _explanation_method(
+    explanations: Sequence[Explanation] | None,
+    method: SelectionMethod,
+    sae: SparseAutoencoder | None,
+    explanations_path: str | Path | None,
+) -> str | None:
+    """The explanations' method after :func:`check_explanations`; ``None`` without
+    explanations, which only ``data`` and ``manual`` accept."""
+    if explanations is None:
+        if isinstance(method, (SemanticSelection, LLMSelection)):
+            raise SelectionError(
+                f"The '{method.name}' method needs explanations of the SAE's features."
+            )
+        return None
+    d_sae = sae.cfg.d_sae if sae is not None else None
+    return check_explanations(
+        explanations, d_sae, source=str(explanations_path or "the explanations")
+    )
+
+
+def _selection_side(
+    method: SelectionMethod, side: Side | None, expl_method: str | None, concept: Concept
+) -> Side:
+    """The side the selection is of: ``input`` for ``data``; else ``side``, or the
+    explanations', or the concept's. Raises when ``side`` contradicts the explanations;
+    warns when explanations matched by words describe the other side than the concept's."""
+    if isinstance(method, DataSelection):
+        if side is not None and side != "input":
+            raise SelectionError(
+                "The 'data' method selects features by what makes them fire (input side); "
+                f"side={side!r} does not apply."
+            )
+        return "input"
+    expl_side = explanation_side(expl_method) if expl_method is not None else None
+    chosen = side or expl_side or concept.side
+    if expl_side is not None and expl_side != chosen:
+        others = " or ".join(method_names(chosen))
+        raise SelectionError(
+            f"side={chosen!r} but '{expl_method}' explanations describe the {expl_side} "
+            f"side; pass {others} explanations."
+        )
+    if isinstance(method, (SemanticSelection, LLMSelection)) and chosen != concept.side:
+        role = (
+            "features to push up, described by what they promote (output side)"
+            if concept.side == "output"
+            else "detectors, described by what makes them fire (input side)"
+        )
+        warnings.warn(
+            f"Concept '{concept.name}' selects {role}, but the '{expl_method}' "
+            f"explanations describe the {chosen} side; the default for this concept "
+            f"is '{default_method(concept.side)}'.",
+            stacklevel=3,  # the caller of select_features
+        )
+    return chosen
+
+
+def _method_limits(
+    method: SelectionMethod, threshold: float | None, top_n: int | None
+) -> tuple[float | None, int | None]:
+    """``(threshold, top_n)`` for ``method``: refused where they do not apply; with neither
+    given, :data:`DEFAULT_THRESHOLD` (semantic) or :data:`DEFAULT_DATA_TOP_N` (data)."""
+    if isinstance(method, ManualSelection):
+        if threshold is not None or top_n is not None:
+            raise SelectionError("threshold and top_n do not apply to hand-picked ids.")
+    elif isinstance(method, LLMSelection):
+        if threshold is not None:
+            raise SelectionError(
+                "threshold does not apply to the 'llm' method (labels, not scores)."
+            )
+    elif threshold is None and top_n is None:
+        if isinstance(method, SemanticSelection):
+            threshold = DEFAULT_THRESHOLD[method.scoring]
+        else:
+            top_n = DEFAULT_DATA_TOP_N
+    return threshold, top_n
+
+
+def _score(
+    method: SemanticSelection | LLMSelection | DataSelection,
+    explanations: Sequence[Explanation] | None,
+    concept: Concept,
+    *,
+    n_words: int,
+    sae: SparseAutoencoder | None,
+    loaded: LoadedModel | None,
+    progress: bool,
+) -> _Scores:
+    """Every feature scored by ``method`` (the one function per method)."""
+    if isinstance(method, DataSelection):
+        return _data_method(
+            explanations, method, sae=sae, loaded=loaded, n_words=n_words, progress=progress
+        )
+    assert explanations is not None  # _explanation_method refused None for these
+    if isinstance(method, SemanticSelection):
+        return _semantic_method(explanations, concept, method, n_words=n_words, progress=progress)
+    return _llm_method(explanations, concept, method, n_words=n_words, progress=progress)
 
 
 def _pick(
@@ -784,27 +1196,14 @@ def _pick(
 def select_features(
     explanations: Sequence[Explanation] | None,
     concept: Concept | str,
+    method: SelectionMethod = DEFAULT_METHOD,
     *,
-    method: Method = "semantic",
     side: Side | None = None,
     threshold: float | None = None,
     top_n: int | None = None,
     n_words: int = DEFAULT_N_WORDS,
-    scoring: Scoring = "words",
-    top_m: int = DEFAULT_TOP_M,
-    generic_share: float = DEFAULT_GENERIC_SHARE,
-    encoder: TextEncoder | None = None,
-    backend: SummaryBackend | None = None,
-    cache_dir: str | Path | None = None,
-    ids: Sequence[int] | str | None = None,
     sae: SparseAutoencoder | None = None,
     loaded: LoadedModel | None = None,
-    harmful: Sequence[str] | None = None,
-    benign: Sequence[str] | None = None,
-    direction: Direction = "harmful",
-    layer: int | None = None,
-    batch_size: int = 8,
-    max_length: int = 256,
     sae_path: str | Path | None = None,
     explanations_path: str | Path | None = None,
     extra_settings: Mapping[str, Any] | None = None,
@@ -812,180 +1211,49 @@ def select_features(
 ) -> FeatureSelection:
     """Choose features of ``sae`` for ``concept`` (a :class:`Concept` or a preset name).
 
-    ``method``: ``semantic`` (needs ``explanations``; ``encoder`` defaults to the packaged
-    sentence encoder), ``llm`` (``explanations`` and a ``backend``), ``data`` (``sae``,
-    ``loaded`` and the ``harmful``/``benign`` prompt texts; ``explanations`` optional, for
-    the words) or ``manual`` (``ids`` and ``sae``).
+    ``method`` is the options of one method: :class:`SemanticSelection` (default; needs
+    ``explanations``), :class:`LLMSelection` (``explanations``), :class:`DataSelection`
+    (``sae`` and ``loaded``; ``explanations`` optional, for the words) or
+    :class:`ManualSelection` (``sae``, to check the ids).
 
     Threshold and ``top_n``: features scoring at least ``threshold`` are kept, then the
     ``top_n`` best of them. With neither given, ``semantic`` uses
     :data:`DEFAULT_THRESHOLD` and ``data`` keeps the :data:`DEFAULT_DATA_TOP_N` best;
-    ``llm`` keeps every labelled feature. ``side`` (default: the explanations' side, else
-    the concept's) must agree with the explanations' method; explanations of the other side
-    than the concept's only warn. ``sae_path``/``explanations_path``/``extra_settings`` are
-    recorded in the result.
+    ``llm`` keeps every labelled feature (``threshold`` refused); ``manual`` refuses both.
+    ``n_words``: explanation words read per feature (scored, shown to the judge, recorded).
+    ``side`` (default: the explanations' side, else the concept's) must agree with the
+    explanations' method; explanations of the other side than the concept's only warn.
+    ``sae_path``/``explanations_path``/``extra_settings`` are recorded in the result.
 
     Raises:
         SelectionError: bad input, or no feature matches (the message gives the best score).
     """
     if isinstance(concept, str):
         concept = get_concept(concept)
-    if method not in METHODS:
-        raise SelectionError(
-            f"Unknown selection method '{method}'; use one of {', '.join(METHODS)}."
-        )
-    if top_n is not None and top_n < 1:
-        raise SelectionError(f"top_n must be at least 1, got {top_n}.")
-    if threshold is not None and not math.isfinite(threshold):
-        raise SelectionError(f"threshold must be a finite number, got {threshold}.")
-    d_sae = sae.cfg.d_sae if sae is not None else None
-    expl_method: str | None = None
-    if explanations is not None:
-        expl_method = check_explanations(
-            explanations, d_sae, source=str(explanations_path or "the explanations")
-        )
-    elif method in ("semantic", "llm"):
-        raise SelectionError(f"The '{method}' method needs explanations of the SAE's features.")
+    _check_common(method, threshold, top_n, n_words)
+    expl_method = _explanation_method(explanations, method, sae, explanations_path)
+    chosen_side = _selection_side(method, side, expl_method, concept)
+    threshold, top_n = _method_limits(method, threshold, top_n)
     settings: dict[str, Any] = dict(extra_settings or {})
-
-    if method == "data":
-        chosen_side: Side = "input"  # chosen by what makes features fire
-        if side is not None and side != "input":
-            raise SelectionError(
-                "The 'data' method selects features by what makes them fire (input side); "
-                f"side={side!r} does not apply."
-            )
-    else:
-        chosen_side = side or (explanation_side(expl_method) if expl_method else concept.side)
-        if expl_method is not None and explanation_side(expl_method) != chosen_side:
-            raise SelectionError(
-                f"side={chosen_side!r} but '{expl_method}' explanations describe the "
-                f"{explanation_side(expl_method)} side; pass "
-                f"{' or '.join(m for m, s in EXPLANATION_SIDES.items() if s == chosen_side)} "
-                "explanations."
-            )
-        if method in ("semantic", "llm") and chosen_side != concept.side:
-            role = (
-                "features to push up, described by what they promote (output side)"
-                if concept.side == "output"
-                else "detectors, described by what makes them fire (input side)"
-            )
-            warnings.warn(
-                f"Concept '{concept.name}' selects {role}, but the '{expl_method}' "
-                f"explanations describe the {chosen_side} side; the default for this concept "
-                f"is '{DEFAULT_EXPLANATION[concept.side]}'.",
-                stacklevel=2,
-            )
-
-    if method == "semantic":
-        assert explanations is not None
-        if encoder is None:
-            from steerlex import text_embed
-
-            encoder = text_embed.load_sentence_encoder()
-        if threshold is None and top_n is None:
-            threshold = DEFAULT_THRESHOLD[scoring] if scoring in SCORINGS else None
-        scored = semantic_scores(
-            explanations, concept, encoder, scoring=scoring, n_words=n_words, top_m=top_m,
-            generic_share=generic_share, progress=progress,
-        )  # fmt: skip
-        settings.update(
-            scoring=scoring, n_words=n_words, top_m=top_m if scoring == "words" else None,
-            generic_share=generic_share if scoring == "words" else None,
-            encoder=_encoder_id(encoder),
-        )  # fmt: skip
-        what = f"{scoring} scoring of {len(scored)} explained features"
-    elif method == "llm":
-        assert explanations is not None
-        if backend is None:
-            raise SelectionError(
-                "The 'llm' method needs a judge back end (--llm openai --llm-base-url URL "
-                "--llm-model NAME, or --llm transformers --llm-model SPEC)."
-            )
-        if threshold is not None:
-            raise SelectionError(
-                "threshold does not apply to the 'llm' method (labels, not scores)."
-            )
-        labels, report = judge_features(
-            explanations, concept, backend, n_words=n_words, cache_dir=cache_dir, progress=progress
-        )
-        if report.failed:
-            warnings.warn(
-                f"The LLM judge gave no usable answer for {report.failed} of {report.total} "
-                f"features (first: {sorted(report.failures)[:5]}); they were skipped. Rerun "
-                "to retry them: finished answers are cached.",
-                stacklevel=2,
-            )
-        words = {e.feature: tuple(e.words[:n_words]) for e in explanations}
-        scored = [
-            SelectedFeature(
-                id=c,
-                score=1.0,
-                reason=f"the LLM judge labelled its words '{lab}'",
-                words=words[c],
-                details={"category": lab},
-            )
-            for c, lab in sorted(labels.items())
-            if lab != "none"
-        ]
-        settings.update(n_words=n_words, judge=report.to_json(), categories=list(concept.labels))
-        what = report.describe()
-    elif method == "data":
-        if sae is None or loaded is None:
-            raise SelectionError("The 'data' method needs the SAE and its model.")
-        if not harmful or not benign:
-            raise SelectionError(
-                "The 'data' method needs harmful and benign prompts (e.g. harmbench and benign)."
-            )
-        use_layer = layer if layer is not None else sae.cfg.layer
-        if use_layer is None:
-            raise SelectionError(
-                "The SAE does not record its layer; pass the layer it was trained on (--layer)."
-            )
-        check_sae_fits(sae, loaded=loaded, layer=use_layer)
-        kw: dict[str, Any] = dict(
-            layer=use_layer, batch_size=batch_size, max_length=max_length, progress=progress
-        )
-        m_h = mean_activations(loaded, sae, harmful, desc="harmful prompts", **kw)
-        m_b = mean_activations(loaded, sae, benign, desc="benign prompts", **kw)
-        scored = data_scores(
-            m_h, m_b, direction=direction, explanations=explanations, n_words=n_words
-        )
-        if threshold is None and top_n is None:
-            top_n = DEFAULT_DATA_TOP_N
-        settings.update(
-            direction=direction, layer=use_layer, n_harmful=len(harmful), n_benign=len(benign),
-            batch_size=batch_size, max_length=max_length, positions="content", model=loaded.spec,
-            model_weights_id=loaded.weights_id,
-        )  # fmt: skip
-        what = f"difference of mean activations, {direction} minus the other group"
-    else:  # manual
-        if ids is None:
-            raise SelectionError("The 'manual' method needs feature ids (--ids 12,40,7).")
-        if d_sae is None:
-            raise SelectionError("The 'manual' method needs the SAE, to check the ids.")
-        chosen = parse_ids(ids)
-        if not chosen:
-            raise SelectionError("No feature ids given; pass ids like --ids 12,40,7.")
-        bad = [c for c in chosen if c >= d_sae]
-        if bad:
-            raise SelectionError(
-                f"Feature ids {bad[:5]} are out of range; this SAE has features 0..{d_sae - 1}."
-            )
-        if threshold is not None or top_n is not None:
-            raise SelectionError("threshold and top_n do not apply to hand-picked ids.")
-        words = {e.feature: tuple(e.words[:n_words]) for e in explanations or ()}
-        features = [SelectedFeature(c, 1.0, "chosen by hand", words.get(c, ())) for c in chosen]
+    if isinstance(method, ManualSelection):
+        features = manual_features(explanations, method, sae, n_words=n_words)
         settings.update(threshold=None, top_n=None, n_selected=len(features))
-    if method != "manual":
-        features, n_passed = _pick(scored, threshold, top_n, concept=concept, what=what)
+    else:
+        scores = _score(
+            method, explanations, concept, n_words=n_words, sae=sae, loaded=loaded,
+            progress=progress,
+        )  # fmt: skip
+        features, n_passed = _pick(
+            scores.features, threshold, top_n, concept=concept, what=scores.what
+        )
+        settings.update(scores.settings)
         settings.update(
-            threshold=threshold, top_n=top_n, n_scored=len(scored), n_passed=n_passed,
+            threshold=threshold, top_n=top_n, n_scored=len(scores.features), n_passed=n_passed,
             n_selected=len(features),
         )  # fmt: skip
     return FeatureSelection(
         concept=concept,
-        method=method,
+        method=method.name,
         side=chosen_side,
         features=features,
         explanations=_expl_record(explanations_path, expl_method),
@@ -1012,20 +1280,26 @@ def read_explanation_settings(path: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "DEFAULT_DATA_TOP_N",
-    "DEFAULT_EXPLANATION",
+    "DEFAULT_METHOD",
     "DEFAULT_THRESHOLD",
-    "EXPLANATION_SIDES",
     "METHODS",
+    "METHOD_OPTIONS",
+    "DataSelection",
     "FeatureSelection",
     "JudgeReport",
+    "LLMSelection",
+    "ManualSelection",
     "SelectedFeature",
     "SelectionError",
+    "SelectionMethod",
+    "SemanticSelection",
     "check_explanation_settings",
     "check_explanations",
     "data_scores",
     "explanation_side",
     "generic_words",
     "judge_features",
+    "manual_features",
     "mean_activations",
     "parse_category",
     "parse_ids",

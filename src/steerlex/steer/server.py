@@ -148,7 +148,7 @@ class _Job:
 
     messages: list[dict[str, Any]]
     sampling: _Sampling
-    strategy: SteeringStrategy
+    strategy: SteeringStrategy | None
     enabled: bool
     stream: bool
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
@@ -505,7 +505,7 @@ class _Handler(BaseHTTPRequestHandler):
             "created": srv.created,
             "owned_by": "steerlex",
             "steerlex": {
-                "strategy": srv.steered.strategy.describe(),
+                "strategy": srv.steered.describe(),
                 "steer": srv.steered.enabled,
                 "layer": srv.steered.layer,
             },
@@ -765,7 +765,7 @@ def _parse_sampling(body: Mapping[str, Any], limits: ServerLimits) -> _Sampling:
     return _Sampling(max_tokens, temperature, top_p, seed)
 
 
-def _parse_override(spec: Any, steered: SteeredModel) -> tuple[SteeringStrategy, bool]:
+def _parse_override(spec: Any, steered: SteeredModel) -> tuple[SteeringStrategy | None, bool]:
     """This request's strategy and on/off state: the server's, changed by ``"steerlex"``."""
     strategy, enabled = steered.strategy, steered.enabled
     if spec is None:
@@ -793,6 +793,9 @@ def _parse_override(spec: Any, steered: SteeredModel) -> tuple[SteeringStrategy,
         ):
             raise ApiError(400, f"steerlex.strength must be a finite number >= 0, got "
                            f"{strength!r}.", param="steerlex.strength")  # fmt: skip
+        if strategy is None:
+            raise ApiError(400, "steerlex.strength: this server has no steering strategy to "
+                           "set a strength on; leave it out.", param="steerlex.strength")  # fmt: skip
         try:
             strategy = strategy.with_strength(float(strength))
             strategy.check(steered.sae)
@@ -815,7 +818,7 @@ def _steerlex_field(r: SteeredResponse, job: _Job) -> dict[str, Any]:
     return {
         "steer": job.enabled,
         "strategy": report.strategy,
-        "strength": job.strategy.strength,
+        "strength": job.strategy.strength if job.strategy is not None else None,
         "gate_open": report.gate_open,
         "fired": [{"feature": f.feature, "role": f.role} for f in report.fired()],
         "report": report.to_dict(),

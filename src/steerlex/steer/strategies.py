@@ -1,8 +1,11 @@
-"""Steering strategies: pure edits of the residual stream through an SAE's features.
+"""Steering strategies: pure edits of the residual stream, through an SAE's features or along
+a dense direction.
 
 A strategy maps ``(h [B, T, d], sae, mask [B, T] bool)`` to a new ``h`` of the same shape, dtype
 and device. The feature set and the parameters live in the (frozen) strategy object; nothing else
-is read or kept, so the same call with the same inputs always gives the same output.
+is read or kept, so the same call with the same inputs always gives the same output. The SAE
+strategies (:class:`SAEFeatureStrategy`: Amplification, Calibration, Clamp, Ablate) need the SAE
+their feature ids belong to; :class:`DenseDirection` needs none (``sae`` may be ``None``).
 
 Shared promises:
 
@@ -10,8 +13,8 @@ Shared promises:
   ``h``. The runtime uses the mask to keep left padding and the chat-template prefix (BOS, system
   prompt, role header) out: those positions carry massive activations the SAE never saw.
 - **The SAE's reconstruction error is kept.** An edit only *adds* to ``h``: feature directions
-  (Amplification, Calibration) or ``decode(edited) - decode(original)`` (Clamp, Ablate). ``h`` is
-  never replaced by the SAE's reconstruction.
+  (Amplification, Calibration), ``decode(edited) - decode(original)`` (Clamp, Ablate) or a fixed
+  direction (DenseDirection). ``h`` is never replaced by the SAE's reconstruction.
 - **Work happens in the SAE's dtype** (usually float32) and the result is cast back to ``h``'s.
 
 Units. ``alpha`` (Amplification) is a length in the raw residual space: ``alpha`` times a sum of
@@ -20,7 +23,7 @@ activation levels: they move along the raw-space decoder rows ``W_dec[s] / norm_
 adding ``c`` times a row raises the decoded latent ``s`` by ``c`` — exactly what
 ``decode(a + c e_s) - decode(a)`` adds.
 
-Conditional steering. Amplification and Calibration take an optional :class:`Condition`: a set of
+Conditional steering. Amplification and Calibration take an optional :class:`Gate`: a set of
 *harm* features and a threshold. ``mode="prompt"`` decides once per sequence, from the prompt's
 editable positions; ``mode="token"`` decides at every position. A closed gate leaves the
 positions untouched.
@@ -31,7 +34,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -44,13 +47,16 @@ from steerlex.sae.base import SparseAutoencoder
 __all__ = [
     "DEFAULT_GATE_THRESHOLD",
     "DEFAULT_TARGET",
+    "GATE_MODES",
     "STRATEGY_NAMES",
     "Ablate",
     "Amplification",
     "Calibration",
     "Clamp",
-    "Condition",
+    "DenseDirection",
+    "Gate",
     "GateMode",
+    "SAEFeatureStrategy",
     "SteeringError",
     "SteeringStrategy",
     "feature_pre_acts",
@@ -129,11 +135,10 @@ def _check_in_range(features: Sequence[int], sae: SparseAutoencoder, what: str) 
         )
 
 
-def _check_call(h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> None:
-    if h.dim() != 3 or h.shape[-1] != sae.d_in:
+def _check_call(h: Tensor, mask: Tensor, width: int, what: str) -> None:
+    if h.dim() != 3 or h.shape[-1] != width:
         raise SteeringError(
-            f"a strategy takes h of shape [batch, seq, {sae.d_in}] (the SAE's d_in), got "
-            f"{tuple(h.shape)}."
+            f"a strategy takes h of shape [batch, seq, {width}] ({what}), got {tuple(h.shape)}."
         )
     if mask.shape != h.shape[:2] or mask.dtype != torch.bool:
         raise SteeringError(
@@ -188,7 +193,7 @@ def _merge(h: Tensor, edited: Tensor, mask: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class Condition:
+class Gate:
     """Steer only where the *harm* features fire.
 
     The harm score of a position is the mean over ``features`` of ``relu(pre-activation)``.
@@ -241,21 +246,30 @@ class Condition:
 # --- strategies -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class SteeringStrategy:
-    """Base of every strategy: a frozen feature set and parameters, applied by ``__call__``."""
+    """Base of every strategy: frozen parameters, applied by ``__call__``.
+
+    ``features`` are the SAE features a strategy steers (empty for one that needs no SAE) and
+    ``gate`` its conditional gate (``None``: always on); the runtime watches both for its
+    reports. ``needs_sae``: whether ``__call__`` needs the SAE the feature ids belong to.
+    """
 
     name: ClassVar[str] = "strategy"
     strength_name: ClassVar[str] = "strength"
+    needs_sae: ClassVar[bool] = False
 
-    features: tuple[int, ...]
+    features: tuple[int, ...] = ()
+    gate: Gate | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "features", _feature_ids(self.features, "features"))
+    # Subclasses override these.
+    def _edit(
+        self, h: Tensor, sae: SparseAutoencoder | None, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(edited h in the working dtype, positions actually edited [B, T])``."""
+        raise NotImplementedError
 
-    # Subclasses override these two.
-    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``(edited h in the SAE's dtype, positions actually edited [B, T])``."""
+    def _width(self, sae: SparseAutoencoder | None) -> tuple[int, str]:
+        """The residual width ``h`` must have, and what fixes it (for messages)."""
         raise NotImplementedError
 
     @property
@@ -267,44 +281,45 @@ class SteeringStrategy:
         """A copy with another :attr:`strength`."""
         raise NotImplementedError
 
-    @property
-    def condition(self) -> Condition | None:
-        return None
-
     def describe(self) -> str:
         """One line, e.g. ``calibrate target=2.5 on 12 features, gate prompt >= 0.1 on 4``."""
         out = f"{self.name} {self.strength_name}={self.strength:g} on {len(self.features)} features"
-        cond = self.condition
-        if cond is not None:
-            out += f", gate {cond.mode} >= {cond.threshold:g} on {len(cond.features)} harm features"
+        gate = self.gate
+        if gate is not None:
+            out += f", gate {gate.mode} >= {gate.threshold:g} on {len(gate.features)} harm features"
         return out
 
-    def check(self, sae: SparseAutoencoder) -> None:
-        """Raise :class:`SteeringError` unless every feature id exists in ``sae``."""
-        _check_in_range(self.features, sae, "features")
-        if self.condition is not None:
-            self.condition.check(sae)
+    def check(self, sae: SparseAutoencoder | None, d_model: int | None = None) -> None:
+        """Raise :class:`SteeringError` unless the strategy can run with ``sae`` (``None``: no
+        SAE) on a residual stream of width ``d_model`` (``None``: not checked)."""
+        raise NotImplementedError
 
     def __call__(
-        self, h: Tensor, sae: SparseAutoencoder, mask: Tensor, *, gate: Tensor | None = None
+        self,
+        h: Tensor,
+        sae: SparseAutoencoder | None,
+        mask: Tensor,
+        *,
+        gate_open: Tensor | None = None,
     ) -> Tensor:
         """The edited ``h`` (same shape/dtype/device); masked positions bit-identical.
 
-        ``gate`` (``[B]`` bool, prompt-mode condition only) is a decision already taken for
-        each row, e.g. at prefill; without it a prompt-mode condition decides from ``h`` at the
-        ``mask`` positions. A token-mode condition always decides per position from ``h``.
+        ``gate_open`` (``[B]`` bool, prompt-mode gate only) is a decision already taken for
+        each row, e.g. at prefill; without it a prompt-mode gate decides from ``h`` at the
+        ``mask`` positions. A token-mode gate always decides per position from ``h``.
         """
-        _check_call(h, sae, mask)
+        _check_call(h, mask, *self._width(sae))
         self.check(sae)
-        cond = self.condition
-        if cond is not None:
-            if cond.mode == "token":
-                mask = mask & cond.token_gate(h, sae).to(mask.device)
+        gate = self.gate
+        if gate is not None:
+            assert sae is not None  # check() refuses a gate without an SAE
+            if gate.mode == "token":
+                mask = mask & gate.token_gate(h, sae).to(mask.device)
             else:
-                rows = cond.prompt_gate(h, sae, mask) if gate is None else gate
+                rows = gate.prompt_gate(h, sae, mask) if gate_open is None else gate_open
                 if rows.shape != (h.shape[0],):
                     raise SteeringError(
-                        f"gate must be a [batch] bool tensor of shape ({h.shape[0]},), got "
+                        f"gate_open must be a [batch] bool tensor of shape ({h.shape[0]},), got "
                         f"{tuple(rows.shape)}."
                     )
                 mask = mask & rows.to(mask.device).unsqueeze(1)
@@ -313,7 +328,49 @@ class SteeringStrategy:
 
 
 @dataclass(frozen=True)
-class Amplification(SteeringStrategy):
+class SAEFeatureStrategy(SteeringStrategy):
+    """A strategy that edits through the features ``features`` of an SAE (which it needs)."""
+
+    needs_sae: ClassVar[bool] = True
+
+    features: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", _feature_ids(self.features, "features"))
+
+    def _edit(
+        self, h: Tensor, sae: SparseAutoencoder | None, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return self._edit_features(h, self._sae(sae), mask)
+
+    def _edit_features(
+        self, h: Tensor, sae: SparseAutoencoder, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(edited h in the SAE's dtype, positions actually edited [B, T])``."""
+        raise NotImplementedError
+
+    def _sae(self, sae: SparseAutoencoder | None) -> SparseAutoencoder:
+        if sae is None:
+            raise SteeringError(
+                f"the {self.name} strategy steers SAE features and needs the SAE they belong "
+                "to; pass sae= (the CLI: --sae)."
+            )
+        return sae
+
+    def _width(self, sae: SparseAutoencoder | None) -> tuple[int, str]:
+        return self._sae(sae).d_in, "the SAE's d_in"
+
+    def check(self, sae: SparseAutoencoder | None, d_model: int | None = None) -> None:
+        """Raise :class:`SteeringError` unless there is an SAE and every feature id exists in
+        it (``d_model`` is the SAE's business: :func:`~steerlex.sae.compat.check_sae_fits`)."""
+        sae = self._sae(sae)
+        _check_in_range(self.features, sae, "features")
+        if self.gate is not None:
+            self.gate.check(sae)
+
+
+@dataclass(frozen=True)
+class Amplification(SAEFeatureStrategy):
     """Push the chosen features up: ``h + alpha * sum_s w_s * d_s`` at every editable position.
 
     ``d_s`` is the unit decoder direction of feature ``s`` in raw space, ``w_s`` its weight (1 by
@@ -327,7 +384,7 @@ class Amplification(SteeringStrategy):
     alpha: float = 1.0
     weights: tuple[float, ...] | None = None
     keep_norm: bool = False
-    condition: Condition | None = None
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -348,7 +405,9 @@ class Amplification(SteeringStrategy):
     def with_strength(self, value: float) -> Amplification:
         return replace(self, alpha=value)
 
-    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit_features(
+        self, h: Tensor, sae: SparseAutoencoder, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         if self.alpha == 0.0:  # exactly the identity, also with keep_norm
             return h, torch.zeros_like(mask)
         dirs = _unit_rows(sae, self.features)
@@ -362,7 +421,7 @@ class Amplification(SteeringStrategy):
 
 
 @dataclass(frozen=True)
-class Calibration(SteeringStrategy):
+class Calibration(SAEFeatureStrategy):
     """Raise the chosen features towards level ``target`` (the paper authors' rule).
 
     With ``a_S`` the features' encoder pre-activations at a position:
@@ -376,7 +435,7 @@ class Calibration(SteeringStrategy):
 
     target: float = DEFAULT_TARGET
     keep_norm: bool = True
-    condition: Condition | None = None
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -389,7 +448,9 @@ class Calibration(SteeringStrategy):
     def with_strength(self, value: float) -> Calibration:
         return replace(self, target=value)
 
-    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit_features(
+        self, h: Tensor, sae: SparseAutoencoder, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         a = feature_pre_acts(sae, h, self.features)  # [B, T, S]
         v = F.relu(self.target - F.relu(a))
         total = v.sum(dim=-1, keepdim=True)
@@ -404,7 +465,7 @@ class Calibration(SteeringStrategy):
 
 
 @dataclass(frozen=True)
-class Clamp(SteeringStrategy):
+class Clamp(SAEFeatureStrategy):
     """Set the chosen features' SAE activations to ``value``: ``h + sum_s (value - a_s) W_dec[s]``.
 
     ``a_s`` is the SAE's actual activation (after TopK for a TopK SAE; ``W_dec`` in raw space), so
@@ -428,7 +489,9 @@ class Clamp(SteeringStrategy):
     def with_strength(self, value: float) -> Clamp:
         return replace(self, value=value)
 
-    def _edit(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _edit_features(
+        self, h: Tensor, sae: SparseAutoencoder, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         idx = torch.as_tensor(list(self.features), device=sae.W_enc.device, dtype=torch.long)
         a = sae.encode(h.to(sae.W_enc.device)).index_select(-1, idx)  # [B, T, S]
         rows = _decoder_rows(sae, self.features)
@@ -455,7 +518,68 @@ class Ablate(Clamp):
         return f"ablate {len(self.features)} features"
 
 
+@dataclass(frozen=True)
+class DenseDirection(SteeringStrategy):
+    """Add ``alpha * scale * u`` at every editable position, ``u`` the unit ``direction``.
+
+    Needs no SAE and steers no SAE features. ``direction`` (``[d_model]``, any norm) is, for
+    the refusal-direction baseline, the difference of mean layer-L activations (harmful −
+    benign prompts, :func:`steerlex.evaluate.tuning.refusal_direction`) and ``scale`` the mean
+    residual norm there, so ``alpha`` is a fraction of a typical residual vector's length.
+    The sum is done in float32 and cast back to ``h``'s dtype.
+    """
+
+    name: ClassVar[str] = "dense"
+    strength_name: ClassVar[str] = "alpha"
+
+    direction: Tensor = field(compare=False, repr=False)
+    scale: float = 1.0
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.direction, Tensor) or self.direction.dim() != 1:
+            raise SteeringError("DenseDirection needs a 1-d direction tensor [d_model].")
+        unit = self.direction.detach().float().cpu()
+        norm = float(unit.norm())
+        if not norm > 0:
+            raise SteeringError("the refusal direction is zero; the two prompt groups agree.")
+        object.__setattr__(self, "direction", unit / norm)
+
+    @property
+    def strength(self) -> float:
+        return self.alpha
+
+    def with_strength(self, value: float) -> DenseDirection:
+        return replace(self, alpha=float(value))
+
+    def describe(self) -> str:
+        return f"dense alpha={self.alpha:g} x mean residual norm {self.scale:.3g}"
+
+    def _width(self, sae: SparseAutoencoder | None) -> tuple[int, str]:
+        return self.direction.shape[0], "the direction's width"
+
+    def check(self, sae: SparseAutoencoder | None, d_model: int | None = None) -> None:
+        """Raise :class:`SteeringError` unless the direction has the residual width (``d_model``
+        and, when given, the SAE's ``d_in``)."""
+        width = self.direction.shape[0]
+        for other in (d_model, sae.d_in if sae is not None else None):
+            if other is not None and width != other:
+                raise SteeringError(
+                    f"the direction has width {width} but the layer has {other}; compute it "
+                    "on this model's layer."
+                )
+
+    def _edit(
+        self, h: Tensor, sae: SparseAutoencoder | None, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if self.alpha == 0.0:
+            return h, torch.zeros_like(mask)
+        add = (self.alpha * self.scale) * self.direction.to(device=h.device, dtype=torch.float32)
+        return (h.float() + add).to(h.device), torch.ones_like(mask)
+
+
 STRATEGY_NAMES: tuple[str, ...] = ("amplify", "calibrate", "clamp", "ablate")
+"""The SAE strategies :func:`make_strategy` builds by name (the CLI's ``--strategy``)."""
 
 
 def make_strategy(
@@ -466,9 +590,9 @@ def make_strategy(
     target: float | None = None,
     value: float | None = None,
     keep_norm: bool | None = None,
-    condition: Condition | None = None,
-) -> SteeringStrategy:
-    """Build a strategy by name (``amplify``, ``calibrate``, ``clamp``, ``ablate``).
+    gate: Gate | None = None,
+) -> SAEFeatureStrategy:
+    """Build an SAE strategy by name (``amplify``, ``calibrate``, ``clamp``, ``ablate``).
 
     Parameters that do not apply to the strategy raise :class:`SteeringError` (so a typo in a
     config does not pass silently); unset ones take the strategy's defaults.
@@ -478,11 +602,11 @@ def make_strategy(
         "target": target,
         "value": value,
         "keep_norm": keep_norm,
-        "condition": condition,
+        "gate": gate,
     }
     allowed = {
-        "amplify": {"alpha", "keep_norm", "condition"},
-        "calibrate": {"target", "keep_norm", "condition"},
+        "amplify": {"alpha", "keep_norm", "gate"},
+        "calibrate": {"target", "keep_norm", "gate"},
         "clamp": {"value"},
         "ablate": set(),
     }
@@ -496,12 +620,12 @@ def make_strategy(
             f"strategy {name!r} does not take {', '.join(extra)}; it takes "
             f"{', '.join(sorted(allowed[name])) or 'no parameters'}."
         )
-    kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k != "condition"}
+    kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k != "gate"}
     feats = tuple(features)
     if name == "amplify":
-        return Amplification(feats, condition=condition, **kw)
+        return Amplification(feats, gate=gate, **kw)
     if name == "calibrate":
-        return Calibration(feats, condition=condition, **kw)
+        return Calibration(feats, gate=gate, **kw)
     if name == "clamp":
         return Clamp(feats, **kw)
     return Ablate(feats)

@@ -1,0 +1,5 @@
+import sys
+
+from steerlex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""The built-in profiles of ``steerlex run`` (and of ``steerlex eval --profile``, which
+takes a profile's ``eval`` section): plain config objects in the run config's layout,
+each on top of the stages' own defaults. One table; nothing else names a profile's
+values."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from steerlex.core.config import merge
+from steerlex.models.embedded import SMALL_MODEL
+
+__all__ = ["PROFILES", "profile"]
+
+_DEFAULT: dict[str, Any] = {
+    # The README's main job: the default model on 2 CPU cores (see docs/results.md for
+    # the measured wall time).
+    "name": "default",
+    "layer": 8,
+    "harvest": {
+        "sources": ["benign", "harmbench", "jailbreak-wild"],
+        "limit": 64,
+        "max_length": 256,
+    },
+    "train_sae": {
+        "d_sae": 2048,
+        "k": 32,
+        "tokens": 131072,
+        "lr": 2e-3,
+        "warmup_steps": 25,
+        "batch_size": 1024,
+    },
+    "eval_sae": {"max_lm_texts": 16},
+    "explain_metrics": {"features": 24, "strengths": [1.0]},
+    "select": {"safety": {"top_n": 10}, "harm": {"top_n": 10}},
+    "eval": {
+        "sets": {
+            "n_jailbreak": 24,
+            "n_harmful": 12,
+            "n_benign": 24,
+            "n_selection": 8,
+            "n_tuning": 32,
+        },
+        "generation": {"max_new_tokens": 32, "batch_size": 8},
+        "defences": [
+            {"kind": "none"},
+            {"kind": "dense", "strengths": [0.2]},
+            # strengths where the full-size run (docs/results.md) saw the defences act
+            {"kind": "amplify", "strengths": [1.5, 3.0]},
+            {"kind": "amplify", "name": "amplify-data", "strengths": [1.0], "features": "data"},
+            {"kind": "calibrate", "strengths": [20.0]},
+            {"kind": "calibrate", "conditional": True, "strengths": [20.0]},
+        ],
+    },
+}
+
+_QUICK: dict[str, Any] = merge(
+    _DEFAULT,
+    {
+        # The whole chain on the small packaged model in a few minutes (what CI runs).
+        "name": "quick",
+        "model": SMALL_MODEL,
+        "layer": 10,
+        "harvest": {"sources": ["benign", "harmbench"], "limit": 48, "max_length": 96},
+        "train_sae": {"d_sae": 512, "k": 16, "tokens": 32768, "batch_size": 256},
+        "eval_sae": {"max_lm_texts": 4},
+        "explain": {"vocab_size": 1000},
+        "explain_metrics": {"features": 4, "levels": False},
+        "select": {"safety": {"top_n": 4}, "harm": {"top_n": 4}},
+        "features": {"top_contexts": 4},
+        "examples": {"n": 2},
+        "eval": {
+            "sets": {
+                "n_jailbreak": 4,
+                "n_harmful": 4,
+                "n_benign": 4,
+                "n_selection": 2,
+                "n_tuning": 8,
+                "template_budget": 96,
+            },
+            "generation": {"max_new_tokens": 8, "batch_size": 8},
+            "defences": [
+                {"kind": "none"},
+                {"kind": "dense", "strengths": [0.2]},
+                {"kind": "amplify", "strengths": [2.0]},
+                {"kind": "calibrate", "conditional": True, "strengths": [5.0]},
+            ],
+        },
+    },
+)
+
+_SMOKE: dict[str, Any] = merge(
+    _QUICK,
+    {
+        # Checks that everything runs: the quick chain with the two defences that need no
+        # SAE features; as `steerlex eval --profile smoke`, a few prompts and 8 tokens.
+        "name": "smoke",
+        "examples": {"defence": "dense"},
+        "eval": {
+            "sets": {"template_budget": 384},
+            "defences": [{"kind": "none"}, {"kind": "dense", "strengths": [0.2]}],
+        },
+    },
+)
+
+PROFILES: dict[str, dict[str, Any]] = {"default": _DEFAULT, "quick": _QUICK, "smoke": _SMOKE}
+
+
+def profile(name: str) -> dict[str, Any]:
+    """A fresh copy of the profile ``name`` (KeyError when there is none)."""
+    return json.loads(json.dumps(PROFILES[name]))
