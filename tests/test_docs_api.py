@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from steerlex.explain.method import EXPLANATION_METHODS
+
 pytestmark = pytest.mark.slow
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -17,10 +19,16 @@ def test_api_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert len(blocks) >= 5
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "docs_api"}
-    for i, code in enumerate(blocks):
-        try:
-            exec(compile(code, f"docs/api.md block {i + 1}", "exec"), namespace)
-        except Exception as exc:  # name the block that broke
-            raise AssertionError(f"docs/api.md block {i + 1} failed: {exc!r}") from exc
+    before = set(EXPLANATION_METHODS.names())
+    try:
+        for i, code in enumerate(blocks):
+            try:
+                exec(compile(code, f"docs/api.md block {i + 1}", "exec"), namespace)
+            except Exception as exc:  # name the block that broke
+                raise AssertionError(f"docs/api.md block {i + 1} failed: {exc!r}") from exc
+    finally:  # the page registers a toy method; later tests must not see it
+        for name in set(EXPLANATION_METHODS.names()) - before:
+            EXPLANATION_METHODS.remove(name)
+    assert "first-letter" not in EXPLANATION_METHODS
     assert (tmp_path / "demo" / "eval" / "scores.json").is_file()
     assert (tmp_path / "demo" / "selected_safety.json").is_file()

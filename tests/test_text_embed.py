@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import steerlex.models.embedded as embedded
+import steerlex.text_embed as text_embed
 from steerlex.core.errors import IntegrityError, MissingPackageError, SteerlexError
 from steerlex.core.io import sha256_file
 from steerlex.text_embed import (
@@ -68,7 +68,7 @@ def test_loader_is_cached(encoder: SentenceEncoder) -> None:
 
 
 def test_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded, "package_dir", lambda module: None)
+    monkeypatch.setattr(text_embed, "package_dir", lambda module: None)
     with pytest.raises(MissingPackageError) as info:
         packaged_model_dir()
     assert INSTALL in str(info.value)

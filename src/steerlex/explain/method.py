@@ -88,7 +88,9 @@ class ExplanationMethod:
 
     ``name`` is set by :func:`register_method`. ``label`` names the method in the report
     and the browser, ``help`` in the CLI. ``describes``: the side of a feature its words
-    describe. ``words_are_tokens``: the "words" are raw model tokens (printed quoted).
+    describe. ``needs_vocabulary`` / ``needs_store``: :func:`~steerlex.explain.run.explain_sae`
+    refuses to call ``explain`` without ``options.vocab`` / ``options.store``.
+    ``words_are_tokens``: the "words" are raw model tokens (printed quoted).
     """
 
     name: ClassVar[str] = ""

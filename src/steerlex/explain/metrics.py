@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from steerlex.core.errors import ExplainError
+from steerlex.explain import bias
+from steerlex.explain.bias import summarise
 from steerlex.models.chat import pad_id
 from steerlex.models.hooks import check_layer, edit_residual, forward_to_layer, residual_width
 
@@ -90,8 +92,6 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
 
     One value gives a zero-width interval; no values give NaNs.
     """
-    from steerlex.explain.bias import summarise
-
     if not values:
         return (math.nan, math.nan, math.nan)
     s = summarise(list(values))
@@ -270,6 +270,272 @@ def _last_logprobs(
     return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
 
+def _check_strengths(strengths: Sequence[float]) -> None:
+    """Raise :class:`ExplainError` unless ``strengths`` is non-empty, positive and finite."""
+    if not strengths or any(not math.isfinite(float(s)) or float(s) <= 0 for s in strengths):
+        raise ExplainError(f"strengths must be positive numbers, got {list(strengths)!r}.")
+
+
+def _random_pool(vocab_words: Sequence[str], n_random: int) -> list[str]:
+    """The non-blank strings of ``vocab_words``, in order: where random words are drawn.
+
+    Raises:
+        ExplainError: fewer than ``n_random`` of them.
+    """
+    pool = [w for w in vocab_words if isinstance(w, str) and w.strip()]
+    if len(pool) < n_random:
+        raise ExplainError(
+            f"vocab_words has {len(pool)} usable words but n_random={n_random}; pass a larger "
+            "vocabulary or lower n_random."
+        )
+    return pool
+
+
+def _residual_scale(model: nn.Module, ids: Tensor, mask: Tensor, layer: int) -> float:
+    """Mean L2 norm of the layer-``layer`` residual over the real tokens of the prompts.
+
+    ``ids``/``mask [P, T]`` are left-padded prompts. The first token of each prompt (an
+    attention sink in many models) is left out, unless that leaves no token at all.
+    """
+    resid = forward_to_layer(model, ids, mask, layer=layer)
+    keep = mask.bool().clone()
+    first = keep.float().argmax(dim=1)
+    keep[torch.arange(ids.shape[0]), first] = False
+    if not bool(keep.any()):
+        keep = mask.bool()
+    return float(resid.float().norm(dim=-1)[keep].mean())
+
+
+def _mean_deltas(
+    model: nn.Module,
+    prompts: tuple[Tensor, Tensor, Tensor],
+    layer: int,
+    clean: Tensor,
+    dirs: Tensor,
+    *,
+    strengths: Sequence[float],
+    scale: float,
+    batch_size: int,
+    progress: bool,
+) -> Tensor:
+    """``[F, V]`` float32 (CPU): mean ``Δ = log p_steered − log p_clean`` per feature.
+
+    ``prompts``: ``(input_ids, attention_mask, position_ids)`` ``[P, T]`` of the prompts;
+    ``clean [P, V]``: their unsteered next-token log-probabilities; ``dirs [F, d]``: unit
+    directions, each added at every position with norm ``strength * scale`` for each of
+    ``strengths``. ``Δ`` at the last position is averaged over prompts, then over
+    strengths. About ``batch_size`` sequences per forward pass.
+    """
+    p_ids, p_mask, p_pos = prompts
+    n_prompts = p_ids.shape[0]
+    deltas = torch.zeros((dirs.shape[0], clean.shape[-1]), dtype=torch.float32)
+    feats_per_batch = max(1, batch_size // n_prompts)
+    rows = [(f, s) for f in range(dirs.shape[0]) for s in strengths]
+    bar = tqdm(total=len(rows), desc="output faithfulness", unit="edit", disable=not progress)
+    for r0, r1 in _batches(len(rows), feats_per_batch):
+        chunk = rows[r0:r1]
+        delta = torch.stack([dirs[f] * (float(s) * scale) for f, s in chunk]).repeat_interleave(
+            n_prompts, dim=0
+        )
+        n = len(chunk)
+        lp = _last_logprobs(
+            model,
+            p_ids.repeat(n, 1),
+            p_mask.repeat(n, 1),
+            p_pos.repeat(n, 1),
+            layer,
+            delta,
+        )
+        d = (lp - clean.repeat(n, 1)).view(n, n_prompts, -1).mean(dim=1).cpu()
+        for j, (f, _s) in enumerate(chunk):
+            deltas[f] += d[j] / len(strengths)
+        bar.update(n)
+    bar.close()
+    return deltas
+
+
+def _continuations(
+    model: nn.Module,
+    tok: Any,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    dirs: Tensor,
+    norm: float,
+    *,
+    new_tokens: int,
+    batch_size: int,
+    pad: int,
+    progress: bool,
+) -> tuple[list[list[str]], list[str]]:
+    """Greedy continuations of the prompts ``seqs``: ``(steered [F][P], clean [P])``.
+
+    Steered: each unit direction of ``dirs [F, d]`` times ``norm`` added at every
+    position; clean: nothing added. Both are empty when ``new_tokens <= 0``.
+    """
+    if new_tokens <= 0:
+        return [], []
+    clean = _steered_continuations(
+        model,
+        tok,
+        layer,
+        seqs,
+        torch.zeros((1, dirs.shape[1]), dtype=dirs.dtype, device=dirs.device),
+        new_tokens,
+        batch_size,
+        pad,
+        False,
+    )[0]
+    texts = _steered_continuations(
+        model, tok, layer, seqs, dirs * norm, new_tokens, batch_size, pad, progress
+    )
+    return texts, clean
+
+
+@dataclass(frozen=True)
+class _EditEffects:
+    """What the features' edits do (:func:`_edit_effects`).
+
+    ``scale``: the prompts' mean residual norm at the layer; ``deltas [F, V]`` float32:
+    mean ``Δ`` log-probability of every next token per feature (:func:`_mean_deltas`);
+    ``vocab_size``: ``V``, the width of the logits; ``texts [F][P]`` / ``clean_texts [P]``:
+    steered and clean continuations (empty without ``generate_tokens``).
+    """
+
+    scale: float
+    deltas: Tensor
+    vocab_size: int
+    texts: list[list[str]]
+    clean_texts: list[str]
+
+
+def _edit_effects(
+    model: nn.Module,
+    tok: Any,
+    sae: Any,
+    layer: int,
+    ids: Sequence[int],
+    seqs: Sequence[Sequence[int]],
+    *,
+    strengths: Sequence[float],
+    generate_tokens: int,
+    batch_size: int,
+    progress: bool,
+) -> _EditEffects:
+    """Add each feature's unit decoder direction at ``layer`` and measure the effect.
+
+    ``seqs``: the token ids of the prompts. The direction of feature ``ids[i]`` is added
+    at every position with norm ``strength * scale`` (``scale``: the prompts' mean
+    residual norm, :func:`_residual_scale`); continuations use the largest strength.
+    """
+    device = next(model.parameters()).device
+    pad = pad_id(tok)
+    p_ids, p_mask, p_pos = (t.to(device) for t in _left_padded(seqs, pad))
+    with torch.no_grad():
+        clean = _last_logprobs(model, p_ids, p_mask, p_pos, layer, None)  # [P, V]
+        scale = _residual_scale(model, p_ids, p_mask, layer)
+        dirs = _unit_directions(sae, ids).to(device)
+        deltas = _mean_deltas(
+            model,
+            (p_ids, p_mask, p_pos),
+            layer,
+            clean,
+            dirs,
+            strengths=strengths,
+            scale=scale,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        texts, clean_texts = _continuations(
+            model,
+            tok,
+            layer,
+            seqs,
+            dirs,
+            max(float(s) for s in strengths) * scale,
+            new_tokens=generate_tokens,
+            batch_size=batch_size,
+            pad=pad,
+            progress=progress,
+        )
+    return _EditEffects(scale, deltas, clean.shape[-1], texts, clean_texts)
+
+
+class _WordTokens:
+    """Sorted unique token ids of words (:func:`word_token_ids`), cached across calls.
+
+    Words with no token, or whose token id is ``>= vocab_size`` (outside the logits),
+    contribute nothing.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._cache: dict[str, int | None] = {}
+
+    def __call__(self, words: Sequence[str]) -> list[int]:
+        missing = [w for w in words if w not in self._cache]
+        for w, t in zip(missing, word_token_ids(self._tokenizer, missing), strict=True):
+            self._cache[w] = t if t is not None and t < self._vocab_size else None
+        return sorted({t for w in words if (t := self._cache[w]) is not None})
+
+
+def _score_method(
+    by_feature: Mapping[int, list[str]],
+    ids: Sequence[int],
+    effects: _EditEffects,
+    random_words: Mapping[int, Sequence[str]],
+    tokens_of: _WordTokens,
+    n_words: int,
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """One method's per-feature AUROC ``{feature: AUROC}`` and its ``extra`` statistics.
+
+    ``effects``: the edits of the features ``ids`` (:func:`_edit_effects`; without
+    continuations, no generation statistics); ``random_words[c]``: the random words of
+    feature ``c``; ``n_words``: explanation words used. ``extra`` holds the lift
+    (nats), the specificity, ``unscorable_features`` and, with generations, the steered
+    and clean hit rates; a feature with no scorable explanation or random word is left
+    out of the AUROC, lift and specificity.
+    """
+    deltas, texts, clean_texts = effects.deltas, effects.texts, effects.clean_texts
+    per: dict[int, float] = {}
+    lifts: list[float] = []
+    specific: list[float] = []
+    hits: list[float] = []
+    clean_h: list[float] = []
+    unscorable = 0
+    for i, c in enumerate(ids):
+        words = by_feature.get(c, [])[:n_words]
+        if texts and words:
+            hits.append(_hit(texts[i], words))
+            clean_h.append(_hit(clean_texts, words))
+        pos_t = tokens_of(words)
+        neg_t = [t for t in tokens_of(random_words[c]) if t not in set(pos_t)]
+        if not pos_t or not neg_t:
+            unscorable += 1
+            continue
+        dp, dn = deltas[i, pos_t], deltas[i, neg_t]
+        per[c] = auroc(dp, dn)
+        lifts.append(float(dp.mean() - dn.mean()))
+        if len(ids) > 1:
+            # Frequency-free control: the same words under the other features' edits.
+            own = deltas[i, pos_t].mean()
+            others = torch.cat([deltas[:i, pos_t], deltas[i + 1 :, pos_t]]).mean(dim=1)
+            specific.append(auroc(own[None], others))
+    lift_mean, lift_lo, lift_hi = mean_ci(lifts)
+    spec_mean, spec_lo, spec_hi = mean_ci(specific)
+    extra: dict[str, Any] = {
+        "lift_nats_mean": lift_mean,
+        "lift_nats_ci": [lift_lo, lift_hi],
+        "specificity_mean": spec_mean,
+        "specificity_ci": [spec_lo, spec_hi],
+        "unscorable_features": unscorable,
+    }
+    if texts:
+        extra["generation_hit_rate"] = sum(hits) / len(hits) if hits else math.nan
+        extra["generation_clean_hit_rate"] = sum(clean_h) / len(clean_h) if clean_h else math.nan
+    return per, extra
+
+
 def output_faithfulness(
     loaded: Any,
     sae: Any,
@@ -321,137 +587,29 @@ def output_faithfulness(
     n_words = _check_positive("n_words", n_words)
     n_random = _check_positive("n_random", n_random)
     batch_size = _check_positive("batch_size", batch_size)
-    if not strengths or any(not math.isfinite(float(s)) or float(s) <= 0 for s in strengths):
-        raise ExplainError(f"strengths must be positive numbers, got {list(strengths)!r}.")
-    pool = [w for w in vocab_words if isinstance(w, str) and w.strip()]
-    if len(pool) < n_random:
-        raise ExplainError(
-            f"vocab_words has {len(pool)} usable words but n_random={n_random}; pass a larger "
-            "vocabulary or lower n_random."
-        )
+    _check_strengths(strengths)
+    pool = _random_pool(vocab_words, n_random)
     seqs = _encode_prompts(tok, prompts)
-    device = next(model.parameters()).device
-    pad = pad_id(tok)
-    p_ids, p_mask, p_pos = (t.to(device) for t in _left_padded(seqs, pad))
-    n_prompts = len(seqs)
-
-    with torch.no_grad():
-        clean = _last_logprobs(model, p_ids, p_mask, p_pos, layer, None)  # [P, V]
-        resid = forward_to_layer(model, p_ids, p_mask, layer=layer)
-        keep = p_mask.bool().clone()
-        first = keep.float().argmax(dim=1)
-        keep[torch.arange(n_prompts), first] = False
-        if not bool(keep.any()):
-            keep = p_mask.bool()
-        scale = float(resid.float().norm(dim=-1)[keep].mean())
-        dirs = _unit_directions(sae, ids).to(device)
-        vocab_size = clean.shape[-1]
-
-        # Mean Δ log-prob over prompts and strengths, per feature: [F, V].
-        deltas = torch.zeros((len(ids), vocab_size), dtype=torch.float32)
-        feats_per_batch = max(1, batch_size // n_prompts)
-        rows = [(f, s) for f in range(len(ids)) for s in strengths]
-        bar = tqdm(total=len(rows), desc="output faithfulness", unit="edit", disable=not progress)
-        for r0, r1 in _batches(len(rows), feats_per_batch):
-            chunk = rows[r0:r1]
-            delta = torch.stack([dirs[f] * (float(s) * scale) for f, s in chunk]).repeat_interleave(
-                n_prompts, dim=0
-            )
-            n = len(chunk)
-            lp = _last_logprobs(
-                model,
-                p_ids.repeat(n, 1),
-                p_mask.repeat(n, 1),
-                p_pos.repeat(n, 1),
-                layer,
-                delta,
-            )
-            d = (lp - clean.repeat(n, 1)).view(n, n_prompts, -1).mean(dim=1).cpu()
-            for j, (f, _s) in enumerate(chunk):
-                deltas[f] += d[j] / len(strengths)
-            bar.update(n)
-        bar.close()
-
-        gen_hits: dict[str, list[float]] = {}
-        clean_hits: dict[str, list[float]] = {}
-        gen_random: list[float] = []
-        texts: list[list[str]] = []
-        clean_texts: list[str] = []
-        if generate_tokens > 0:
-            clean_texts = _steered_continuations(
-                model,
-                tok,
-                layer,
-                seqs,
-                torch.zeros((1, dirs.shape[1]), dtype=dirs.dtype, device=dirs.device),
-                generate_tokens,
-                batch_size,
-                pad,
-                False,
-            )[0]
-            texts = _steered_continuations(
-                model,
-                tok,
-                layer,
-                seqs,
-                dirs * (max(float(s) for s in strengths) * scale),
-                generate_tokens,
-                batch_size,
-                pad,
-                progress,
-            )
-
+    effects = _edit_effects(
+        model,
+        tok,
+        sae,
+        layer,
+        ids,
+        seqs,
+        strengths=strengths,
+        generate_tokens=generate_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
     rng = random.Random(seed)
     random_words = {c: rng.sample(pool, n_random) for c in ids}
-    tok_cache: dict[str, int | None] = {}
-
-    def tokens_of(words: Sequence[str]) -> list[int]:
-        missing = [w for w in words if w not in tok_cache]
-        for w, t in zip(missing, word_token_ids(tok, missing), strict=True):
-            tok_cache[w] = t if t is not None and t < vocab_size else None
-        return sorted({t for w in words if (t := tok_cache[w]) is not None})
-
+    tokens_of = _WordTokens(tok, effects.vocab_size)
     out: dict[str, FaithfulnessSummary] = {}
     for method, by_feature in expl.items():
-        per: dict[int, float] = {}
-        lifts: list[float] = []
-        specific: list[float] = []
-        unscorable = 0
-        for i, c in enumerate(ids):
-            words = by_feature.get(c, [])[:n_words]
-            if texts and words:
-                gen_hits.setdefault(method, []).append(_hit(texts[i], words))
-                clean_hits.setdefault(method, []).append(_hit(clean_texts, words))
-            pos_t = tokens_of(words)
-            neg_t = [t for t in tokens_of(random_words[c]) if t not in set(pos_t)]
-            if not pos_t or not neg_t:
-                unscorable += 1
-                continue
-            dp, dn = deltas[i, pos_t], deltas[i, neg_t]
-            per[c] = auroc(dp, dn)
-            lifts.append(float(dp.mean() - dn.mean()))
-            if len(ids) > 1:
-                # Frequency-free control: the same words under the other features' edits.
-                own = deltas[i, pos_t].mean()
-                others = torch.cat([deltas[:i, pos_t], deltas[i + 1 :, pos_t]]).mean(dim=1)
-                specific.append(auroc(own[None], others))
-        lift_mean, lift_lo, lift_hi = mean_ci(lifts)
-        spec_mean, spec_lo, spec_hi = mean_ci(specific)
-        extra: dict[str, Any] = {
-            "lift_nats_mean": lift_mean,
-            "lift_nats_ci": [lift_lo, lift_hi],
-            "specificity_mean": spec_mean,
-            "specificity_ci": [spec_lo, spec_hi],
-            "unscorable_features": unscorable,
-        }
-        if texts:
-            hits = gen_hits.get(method, [])
-            extra["generation_hit_rate"] = sum(hits) / len(hits) if hits else math.nan
-            clean_h = clean_hits.get(method, [])
-            extra["generation_clean_hit_rate"] = (
-                sum(clean_h) / len(clean_h) if clean_h else math.nan
-            )
+        per, extra = _score_method(by_feature, ids, effects, random_words, tokens_of, n_words)
         out[method] = _summary(method, "output", len(ids), per, extra)
+    texts = effects.texts
     if texts:
         gen_random = [_hit(texts[i], random_words[c][:n_words]) for i, c in enumerate(ids)]
         rate = sum(gen_random) / len(gen_random)
@@ -460,7 +618,7 @@ def output_faithfulness(
     settings = {
         "prompts": list(prompts),
         "strengths": [float(s) for s in strengths],
-        "residual_norm": scale,
+        "residual_norm": effects.scale,
         "n_words": n_words,
         "n_random": n_random,
         "seed": seed,
@@ -725,8 +883,6 @@ def evaluate_explanations(
     linguistic level of each explanation (:mod:`steerlex.explain.bias`; ``levels=False``
     skips the sentence-embedding model).
     """
-    from steerlex.explain import bias
-
     features = sample_features(explanations, n_features, seed)
     out_f = output_faithfulness(
         loaded, sae, explanations, features, vocab_words, strengths=strengths,

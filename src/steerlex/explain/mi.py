@@ -298,6 +298,232 @@ def _slab_row_lse(b: Tensor, q: Tensor, ratio: float, acc: torch.dtype) -> Tenso
     return lse
 
 
+def _prior_terms(
+    score: Score, log_p_c: Tensor | None, n_feat: int, dev: torch.device
+) -> tuple[Tensor | None, float]:
+    """The ``− log p(c)`` term of the ``mi`` score: ``(neg_log_prior, uniform_shift)``.
+
+    ``neg_log_prior`` is ``[C]`` float32 on ``dev`` (``mi`` with a given prior only, else
+    None); ``uniform_shift`` is ``log C`` for ``mi`` with a uniform prior, else 0.
+
+    Raises:
+        ExplainError: ``log_p_c`` not a ``[C]`` tensor, or non-finite.
+    """
+    if score != "mi":
+        return None, 0.0
+    if log_p_c is None:
+        return None, math.log(n_feat)
+    if not isinstance(log_p_c, Tensor) or tuple(log_p_c.shape) != (n_feat,):
+        shape = tuple(log_p_c.shape) if isinstance(log_p_c, Tensor) else type(log_p_c)
+        raise ExplainError(
+            f"log_p_c must be a tensor of shape [{n_feat}] (one log prior per feature), "
+            f"got {shape}."
+        )
+    if not bool(torch.isfinite(log_p_c).all()):
+        raise ExplainError(
+            "log_p_c has non-finite values (a feature that never fires gives log 0 = "
+            "-inf); smooth the firing rates, e.g. log((count + 1) / (total + C))."
+        )
+    return -log_p_c.detach().to(dev, torch.float32), 0.0
+
+
+@dataclass(frozen=True)
+class _MIPlan:
+    """The validated settings and inputs of one :func:`mi_scores` call.
+
+    ``feats [C, d]`` float32 are the features divided by ``beta`` (so the matrix product
+    gives ``B = S/beta`` directly) and ``vocab [M, d]`` float32 the words, both on
+    ``device``; ``ratio = beta / alpha`` (``S/alpha = ratio * B``); ``fast_columns``:
+    ``alpha == beta`` (column normalisers by a matrix-vector product); ``acc``: dtype of
+    the normalisers and kept scores (float64, float32 on MPS); ``neg_log_prior`` and
+    ``uniform_shift``: see :func:`_prior_terms`; ``underflow_margin``: log-domain margin
+    below which a fast column sum may have lost 1e-6 of its mass; ``slab_width``: words
+    per slab.
+    """
+
+    score: Score
+    feats: Tensor
+    vocab: Tensor
+    device: torch.device
+    acc: torch.dtype
+    ratio: float
+    fast_columns: bool
+    top_k: int
+    feature_chunk: int
+    slab_width: int
+    neg_log_prior: Tensor | None
+    uniform_shift: float
+    underflow_margin: float
+
+
+def _plan(
+    features: Tensor,
+    words: Tensor,
+    *,
+    score: Score,
+    alpha: float,
+    beta: float,
+    top_k: int,
+    log_p_c: Tensor | None,
+    feature_chunk: int,
+    word_chunk: int,
+    max_slab_elements: int,
+    device: torch.device | str | None,
+) -> _MIPlan:
+    """Check the arguments of :func:`mi_scores` (in its order) and fix its settings.
+
+    Raises:
+        ExplainError: as listed by :func:`mi_scores` (all but the float32 overflow).
+    """
+    if score not in SCORES:
+        raise ExplainError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
+    alpha = _check_temperature("alpha", alpha)
+    beta = _check_temperature("beta", beta)
+    n_feat, n_words, _ = _check_pair(features, words)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_words:
+        raise ExplainError(
+            f"top_k must be an integer between 1 and the vocabulary size {n_words}, got {top_k!r}."
+        )
+    feature_chunk = _check_chunk("feature_chunk", feature_chunk)
+    word_chunk = _check_chunk("word_chunk", word_chunk)
+    max_slab_elements = _check_chunk("max_slab_elements", max_slab_elements)
+
+    dev = torch.device(device) if device is not None else features.device
+    # B = S / beta comes straight out of the matrix product.
+    feats = features.detach().to(dev, torch.float32)
+    if beta != 1.0:
+        feats = feats / beta
+    vocab = words.detach().to(dev, torch.float32)
+    neg_log_prior, uniform_shift = _prior_terms(score, log_p_c, n_feat, dev)
+    return _MIPlan(
+        score=score,
+        feats=feats,
+        vocab=vocab,
+        device=dev,
+        acc=torch.float64 if dev.type != "mps" else torch.float32,
+        ratio=beta / alpha,
+        fast_columns=alpha == beta,
+        top_k=top_k,
+        feature_chunk=feature_chunk,
+        slab_width=max(1, min(word_chunk, n_words, max_slab_elements // n_feat)),
+        neg_log_prior=neg_log_prior,
+        uniform_shift=uniform_shift,
+        # Underflow bound for the matrix-vector column sums: each of the C terms loses
+        # less than tiny * exp(shift) (float32 underflow of Q or of Q * weight), so a
+        # column sum above C * tiny * exp(shift) * 1e6 has lost less than 1e-6 of its mass.
+        underflow_margin=math.log(n_feat) + _F32_LOG_TINY + 6 * math.log(10.0),
+    )
+
+
+def _slab_normalisers(
+    plan: _MIPlan, w0: int, slab_b: Tensor, slab_p: Tensor, slab_lse: Tensor
+) -> Tensor:
+    """Pass 1 over the words ``w0 : w0 + n`` (``n = slab_b.shape[1]``), for all features.
+
+    Fills, ``feature_chunk`` rows at a time, ``slab_b [C, n]`` with ``B = S/beta``,
+    ``slab_p [C, n]`` with ``Q = softmax_w(S/alpha)`` over the slab's words (one fused
+    pass) and ``slab_lse [C]`` (dtype ``acc``) with ``logsumexp_w(S/alpha)`` over them
+    (:func:`_slab_row_lse`). Returns the per-word normaliser ``logsumexp_c(S/beta)`` over
+    all features, ``[n]`` float32: for ``alpha == beta`` ``log(Qᵀ exp(lse − max lse)) +
+    max lse``, a matrix-vector product, with an exact ``logsumexp`` of the column for
+    words whose sum could have lost more than 1e-6 of its mass to float32 underflow; for
+    ``alpha != beta`` an exact ``logsumexp`` of every column.
+
+    Raises:
+        ExplainError: the affinities overflow float32.
+    """
+    n_feat, n = slab_b.shape
+    vocab_t = plan.vocab[w0 : w0 + n].T
+    col_lse = torch.full((n,), -math.inf, dtype=plan.acc, device=plan.device)
+    top_shift = -math.inf
+    for f0 in range(0, n_feat, plan.feature_chunk):
+        f1 = min(n_feat, f0 + plan.feature_chunk)
+        b, p = slab_b[f0:f1], slab_p[f0:f1]
+        torch.mm(plan.feats[f0:f1], vocab_t, out=b)
+        # Q = softmax over the slab's words of S/alpha, one fused pass.
+        torch.softmax(b if plan.ratio == 1.0 else b * plan.ratio, dim=1, out=p)
+        lse = _slab_row_lse(b, p, plan.ratio, plan.acc)
+        slab_lse[f0:f1] = lse
+        if plan.fast_columns:
+            # exp(S/beta) = Q * exp(lse_c): the column sums are a matrix-vector product.
+            shift = float(lse.max())
+            weights = torch.exp(lse - shift).to(torch.float32)
+            col = (p.T @ weights).to(plan.acc).log_() + shift
+            top_shift = max(top_shift, shift)
+        else:
+            col = torch.logsumexp(b, dim=0).to(plan.acc)
+        col_lse = torch.logaddexp(col_lse, col)
+    if plan.fast_columns:
+        bad = (col_lse < top_shift + plan.underflow_margin).nonzero().squeeze(1)
+        if bad.numel():
+            col_lse[bad] = torch.logsumexp(slab_b[:, bad], dim=0).to(plan.acc)
+    return col_lse.to(torch.float32)
+
+
+def _block_keys(plan: _MIPlan, b: Tensor, p: Tensor, col_lse32: Tensor, f0: int, f1: int) -> Tensor:
+    """Ranking keys of the feature rows ``f0:f1`` of a slab, ``[f1 − f0, n]`` float32.
+
+    ``b`` and ``p`` are those rows of ``B`` and ``Q``; ``col_lse32 [n]`` the per-word
+    normalisers. ``mi``: ``Q · (log p(c|w) − log p(c))`` (``p(w|c)`` normalised over this
+    slab's words only, a positive factor per feature), computed in place over ``b``.
+    ``paper``: ``−(S/alpha + log(−log p(c|w)))`` (minus the log magnitude of the score,
+    so larger means closer to 0), computed in place over ``p``.
+    """
+    if plan.score == "mi":
+        x = b.sub_(col_lse32 - plan.uniform_shift)
+        if plan.neg_log_prior is not None:
+            x.add_(plan.neg_log_prior[f0:f1, None])
+        return x.mul_(p)
+    neg = torch.sub(col_lse32, b, out=p).clamp_min_(0.0).log_()
+    return neg.add_(b, alpha=plan.ratio).neg_()
+
+
+def _merge_slab(
+    plan: _MIPlan,
+    w0: int,
+    slab_b: Tensor,
+    slab_p: Tensor,
+    col_lse32: Tensor,
+    top_v: Tensor,
+    top_i: Tensor,
+    *,
+    run_lse: Tensor,
+    slab_lse: Tensor,
+    new_lse: Tensor,
+) -> None:
+    """Pass 2 over the slab of words starting at ``w0``: merge its scores into the top-K.
+
+    ``slab_b``/``slab_p [C, n]`` hold ``B`` and ``Q`` from pass 1 (overwritten here),
+    ``col_lse32 [n]`` the per-word normalisers; ``run_lse``, ``slab_lse`` and ``new_lse``,
+    each ``[C]`` of dtype ``acc``: ``logsumexp_w(S/alpha)`` over the words before the
+    slab, in it, and both. Updates ``top_v [C, top_k]`` (dtype ``acc``) and
+    ``top_i [C, top_k]`` (int64) in place, block by block, each row ordered by (key
+    descending, word index ascending). ``mi`` values kept and new are rescaled to
+    ``p(w|c)`` normalised over all words seen so far before each merge (positive factors
+    per feature, ranking unchanged).
+    """
+    n_feat, n = slab_b.shape
+    first = w0 == 0
+    for f0 in range(0, n_feat, plan.feature_chunk):
+        f1 = min(n_feat, f0 + plan.feature_chunk)
+        keys = _block_keys(plan, slab_b[f0:f1], slab_p[f0:f1], col_lse32, f0, f1)
+        new_v, new_i = _slab_topk(keys, min(plan.top_k, n), w0)
+        if first and n >= plan.top_k:  # one slab so far: nothing to merge or rescale
+            top_v[f0:f1] = new_v
+            top_i[f0:f1] = new_i
+            continue
+        new_v = new_v.to(plan.acc)
+        old_v = top_v[f0:f1]
+        if plan.score == "mi" and not first:
+            # Renormalise p(w|c) from the words seen before / in this slab to all
+            # words seen so far (positive factors per feature, ranking unchanged).
+            old_v = old_v * torch.exp(run_lse[f0:f1] - new_lse[f0:f1])[:, None]
+            new_v = new_v * torch.exp(slab_lse[f0:f1] - new_lse[f0:f1])[:, None]
+        v, i = _merge_topk(old_v, top_i[f0:f1], new_v, new_i, plan.top_k)
+        top_v[f0:f1] = v
+        top_i[f0:f1] = i
+
+
 def mi_scores(
     features: Tensor,
     words: Tensor,
@@ -335,24 +561,15 @@ def mi_scores(
         ``(scores [C, top_k] float32, word_indices [C, top_k] int64)`` on ``device``,
         each row ordered by score descending, ties by word index ascending.
 
-    Algorithm (two passes per word slab, one matrix product in all). For each slab of
-    words, pass 1 computes ``B = S/beta`` for all features, ``feature_chunk`` rows at a
-    time, and ``Q = softmax_w(S/alpha)`` over the slab's words (one fused pass). The
-    slab's per-feature normaliser ``logsumexp_w(S/alpha)`` is read off one word,
-    ``S[c, j]/alpha − log Q[c, j]`` with ``j`` the best of the slab's first 64 words
-    (an exact ``logsumexp`` for rows where that ``Q`` is not a normal float32), and
-    combined across slabs in float64. The per-word ``logsumexp_c(S/beta)`` over all
-    features is, for ``alpha == beta``, ``log(Qᵀ exp(lse − max lse)) + max lse``, a
-    matrix-vector product; words whose sum could have lost more than 1e-6 of its mass
-    to float32 underflow, and every word when ``alpha != beta``, use an exact
-    ``logsumexp`` over the slab's column instead. Pass 2 scores the slab block by block
-    and merges it into a running top-K per feature: ``mi`` as
-    ``Q · (log p(c|w) − log p(c))``, i.e. with ``p(w|c)`` normalised over the slab (a
-    positive factor per feature, so the ranking is exact; kept and new values are
-    rescaled to the words seen so far before each merge, so the returned values need no
-    final factor), ``paper`` on the log magnitude ``S/alpha + log(−log p(c|w))`` (no
-    underflow however small ``p(w|c)`` is; ``paper`` ranks exactly the region where
-    ``p(w|c)`` underflows). Memory: two ``C × slab`` float32 slabs (at most
+    Algorithm (docs/mi.md, "The chunked algorithm"): two passes per slab of words, one
+    matrix product in all. Pass 1 (:func:`_slab_normalisers`) computes ``B = S/beta``
+    and ``Q = softmax_w(S/alpha)`` over the slab's words for all features, with the
+    per-feature normaliser over the slab (combined across slabs in float64) and the
+    per-word normaliser over all features. Pass 2 (:func:`_merge_slab`) scores the slab
+    block by block and merges it into a running top-K per feature: ``mi`` with ``p(w|c)``
+    normalised over the words seen so far (so the returned values need no final factor),
+    ``paper`` on its log magnitude (exact however small ``p(w|c)`` is) and exponentiated
+    at the end. Memory: two ``C × slab`` float32 slabs (at most
     ``max(C, max_slab_elements)`` elements each), ``feature_chunk × slab`` temporaries
     (``alpha != beta`` only) and the ``C × top_k`` result; never ``C × M``.
 
@@ -362,124 +579,47 @@ def mi_scores(
             widths or non-finite; ``log_p_c`` of the wrong shape or non-finite; chunk
             sizes < 1; affinities that overflow float32.
     """
-    if score not in SCORES:
-        raise ExplainError(f"score must be one of {', '.join(SCORES)}, got {score!r}.")
-    alpha = _check_temperature("alpha", alpha)
-    beta = _check_temperature("beta", beta)
-    n_feat, n_words, _ = _check_pair(features, words)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_words:
-        raise ExplainError(
-            f"top_k must be an integer between 1 and the vocabulary size {n_words}, got {top_k!r}."
-        )
-    feature_chunk = _check_chunk("feature_chunk", feature_chunk)
-    word_chunk = _check_chunk("word_chunk", word_chunk)
-    max_slab_elements = _check_chunk("max_slab_elements", max_slab_elements)
-
-    dev = torch.device(device) if device is not None else features.device
-    acc = torch.float64 if dev.type != "mps" else torch.float32
-    # B = S / beta comes straight out of the matrix product.
-    feats = features.detach().to(dev, torch.float32)
-    if beta != 1.0:
-        feats = feats / beta
-    vocab = words.detach().to(dev, torch.float32)
-    ratio = beta / alpha  # S/alpha = ratio * B
-    fast_columns = alpha == beta
-
-    neg_log_prior: Tensor | None = None  # −log p(c) [C] float32, only for "mi" with a prior
-    uniform_shift = 0.0
-    if score == "mi":
-        if log_p_c is None:
-            uniform_shift = math.log(n_feat)
-        else:
-            if not isinstance(log_p_c, Tensor) or tuple(log_p_c.shape) != (n_feat,):
-                shape = tuple(log_p_c.shape) if isinstance(log_p_c, Tensor) else type(log_p_c)
-                raise ExplainError(
-                    f"log_p_c must be a tensor of shape [{n_feat}] (one log prior per feature), "
-                    f"got {shape}."
-                )
-            if not bool(torch.isfinite(log_p_c).all()):
-                raise ExplainError(
-                    "log_p_c has non-finite values (a feature that never fires gives log 0 = "
-                    "-inf); smooth the firing rates, e.g. log((count + 1) / (total + C))."
-                )
-            neg_log_prior = -log_p_c.detach().to(dev, torch.float32)
-
-    slab_width = max(1, min(word_chunk, n_words, max_slab_elements // n_feat))
-    buf_b = torch.empty(n_feat * slab_width, dtype=torch.float32, device=dev)
-    buf_p = torch.empty(n_feat * slab_width, dtype=torch.float32, device=dev)
+    plan = _plan(
+        features,
+        words,
+        score=score,
+        alpha=alpha,
+        beta=beta,
+        top_k=top_k,
+        log_p_c=log_p_c,
+        feature_chunk=feature_chunk,
+        word_chunk=word_chunk,
+        max_slab_elements=max_slab_elements,
+        device=device,
+    )
+    n_feat, n_words = plan.feats.shape[0], plan.vocab.shape[0]
+    dev, acc, width = plan.device, plan.acc, plan.slab_width
+    buf_b = torch.empty(n_feat * width, dtype=torch.float32, device=dev)
+    buf_p = torch.empty(n_feat * width, dtype=torch.float32, device=dev)
     run_lse = torch.full((n_feat,), -math.inf, dtype=acc, device=dev)  # lse_w(S/alpha)
     slab_lse = torch.empty(n_feat, dtype=acc, device=dev)  # the same over this slab's words
-    top_v = torch.full((n_feat, top_k), -math.inf, dtype=acc, device=dev)
-    top_i = torch.full((n_feat, top_k), n_words, dtype=torch.long, device=dev)
-    # Underflow bound for the matrix-vector column sums: each of the C terms loses less
-    # than tiny * exp(shift) (float32 underflow of Q or of Q * weight), so a column sum
-    # above C * tiny * exp(shift) * 1e6 has lost less than 1e-6 of its mass.
-    underflow_margin = math.log(n_feat) + _F32_LOG_TINY + 6 * math.log(10.0)
-
+    top_v = torch.full((n_feat, plan.top_k), -math.inf, dtype=acc, device=dev)
+    top_i = torch.full((n_feat, plan.top_k), n_words, dtype=torch.long, device=dev)
     with torch.no_grad():
-        for w0 in range(0, n_words, slab_width):
-            w1 = min(n_words, w0 + slab_width)
-            n = w1 - w0
+        for w0 in range(0, n_words, width):
+            n = min(n_words, w0 + width) - w0
             slab_b = buf_b[: n_feat * n].view(n_feat, n)
             slab_p = buf_p[: n_feat * n].view(n_feat, n)
-            vocab_t = vocab[w0:w1].T
-            col_lse = torch.full((n,), -math.inf, dtype=acc, device=dev)
-            top_shift = -math.inf
-            # Pass 1: B, Q, row and column normalisers.
-            for f0 in range(0, n_feat, feature_chunk):
-                f1 = min(n_feat, f0 + feature_chunk)
-                b, p = slab_b[f0:f1], slab_p[f0:f1]
-                torch.mm(feats[f0:f1], vocab_t, out=b)
-                # Q = softmax over the slab's words of S/alpha, one fused pass.
-                torch.softmax(b if ratio == 1.0 else b * ratio, dim=1, out=p)
-                lse = _slab_row_lse(b, p, ratio, acc)
-                slab_lse[f0:f1] = lse
-                if fast_columns:
-                    # exp(S/beta) = Q * exp(lse_c): the column sums are a matrix-vector product.
-                    shift = float(lse.max())
-                    weights = torch.exp(lse - shift).to(torch.float32)
-                    col = (p.T @ weights).to(acc).log_() + shift
-                    top_shift = max(top_shift, shift)
-                else:
-                    col = torch.logsumexp(b, dim=0).to(acc)
-                col_lse = torch.logaddexp(col_lse, col)
-            if fast_columns:
-                bad = (col_lse < top_shift + underflow_margin).nonzero().squeeze(1)
-                if bad.numel():
-                    col_lse[bad] = torch.logsumexp(slab_b[:, bad], dim=0).to(acc)
-            col_lse32 = col_lse.to(torch.float32)
+            col_lse32 = _slab_normalisers(plan, w0, slab_b, slab_p, slab_lse)
             first = w0 == 0
             new_lse = slab_lse if first else torch.logaddexp(run_lse, slab_lse)
-            # Pass 2: scores block by block, merged into the running top-K.
-            for f0 in range(0, n_feat, feature_chunk):
-                f1 = min(n_feat, f0 + feature_chunk)
-                b, p = slab_b[f0:f1], slab_p[f0:f1]
-                if score == "mi":
-                    # Q * (log p(c|w) − log p(c)): the score with p(w|c) normalised over
-                    # this slab's words only (a positive factor per feature).
-                    x = b.sub_(col_lse32 - uniform_shift)
-                    if neg_log_prior is not None:
-                        x.add_(neg_log_prior[f0:f1, None])
-                    sc = x.mul_(p)
-                else:
-                    # −(S/alpha + log(−log p(c|w))): larger means a score closer to 0.
-                    neg = torch.sub(col_lse32, b, out=p).clamp_min_(0.0).log_()
-                    sc = neg.add_(b, alpha=ratio).neg_()
-                new_v, new_i = _slab_topk(sc, min(top_k, n), w0)
-                if first and n >= top_k:  # one slab so far: nothing to merge or rescale
-                    top_v[f0:f1] = new_v
-                    top_i[f0:f1] = new_i
-                    continue
-                new_v = new_v.to(acc)
-                old_v = top_v[f0:f1]
-                if score == "mi" and not first:
-                    # Renormalise p(w|c) from the words seen before / in this slab to all
-                    # words seen so far (positive factors per feature, ranking unchanged).
-                    old_v = old_v * torch.exp(run_lse[f0:f1] - new_lse[f0:f1])[:, None]
-                    new_v = new_v * torch.exp(slab_lse[f0:f1] - new_lse[f0:f1])[:, None]
-                v, i = _merge_topk(old_v, top_i[f0:f1], new_v, new_i, top_k)
-                top_v[f0:f1] = v
-                top_i[f0:f1] = i
+            _merge_slab(
+                plan,
+                w0,
+                slab_b,
+                slab_p,
+                col_lse32,
+                top_v,
+                top_i,
+                run_lse=run_lse,
+                slab_lse=slab_lse,
+                new_lse=new_lse,
+            )
             run_lse = new_lse.clone() if first else new_lse
     # `mi` values are already normalised over all words; `paper` keys are log magnitudes.
     scores = top_v if score == "mi" else -torch.exp(-top_v - run_lse[:, None])

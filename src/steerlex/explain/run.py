@@ -59,6 +59,15 @@ def explain_sae(
     docs/topact.md); its explanations carry words without scores.
     """
     explainer = get_method(method)
+    if explainer.needs_vocabulary and vocab is None:
+        raise ExplainError(
+            f"The '{method}' method needs a vocabulary (see steerlex.explain.vocabulary)."
+        )
+    if explainer.needs_store and store is None:
+        raise ExplainError(
+            f"The '{method}' method needs an activation store of the SAE's model and layer "
+            "(--activations)."
+        )
     check_sae_fits(sae, loaded=loaded)
     ids = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
     bad = [f for f in ids if not 0 <= f < sae.cfg.d_sae]

@@ -31,13 +31,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import torch
 from tqdm.auto import tqdm
 
 from steerlex.core.errors import BackendError, SteerlexError, SummaryError
 from steerlex.core.io import read_json_object, write_json_atomic
 from steerlex.explain.run import Explanation
 from steerlex.models.cache import cache_root
-from steerlex.models.loading import LoadedModel
+from steerlex.models.chat import chat_text, has_chat_template
+from steerlex.models.loading import LoadedModel, load_model
 
 CANNOT_TELL = "Cannot tell"
 LEVELS = ("lexical", "morphological", "semantic", "unclear")
@@ -394,8 +396,6 @@ class TransformersBackend:
 
     def prompt_text(self, system: str, user: str) -> tuple[str, bool]:
         """The formatted prompt and whether it is chat-formatted (no BOS to add then)."""
-        from steerlex.models.chat import chat_text, has_chat_template
-
         tok = self.loaded.tokenizer
         if not has_chat_template(tok):
             return f"{system}\n\n{user}\nAnswer:", False
@@ -415,8 +415,6 @@ def greedy_completion(
     loaded: LoadedModel, text: str, *, max_new_tokens: int, add_special_tokens: bool
 ) -> str:
     """The greedy continuation of the already formatted ``text`` (special tokens dropped)."""
-    import torch
-
     tok, model = loaded.tokenizer, loaded.model
     enc = tok(text, return_tensors="pt", add_special_tokens=add_special_tokens)
     enc = {k: v.to(loaded.device) for k, v in enc.items()}
@@ -487,7 +485,6 @@ def backend_from_options(
                     "of a chat model (e.g. embedded:qwen2.5-coder-0.5b-instruct), or a "
                     "loaded model."
                 )
-            from steerlex.models.loading import load_model
 
             loaded = load_model(model, dtype=dtype, device=device)
         return TransformersBackend(loaded, max_new_tokens=max_new_tokens)

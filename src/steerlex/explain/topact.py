@@ -184,32 +184,24 @@ def _merge_pending(
     return _merge(merged, m, per_group_keep)  # type: ignore[arg-type]
 
 
-def top_activations(
-    sae: SparseAutoencoder,
-    store: ActivationStore,
-    *,
-    per_feature: int = 20,
-    window: Sequence[int] = (8, 3),
-    features: Iterable[int] | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 4096,
-    progress: bool = True,
-    tokenizer: Any = None,
-    per_group: int = 2,
-    candidates: int | None = None,
-    span_activations: bool = True,
-) -> dict[int, list[Span]]:
-    """Top-activating spans per feature (see the module docstring for the rules).
+_Candidates = tuple[Tensor, Tensor, Tensor, Tensor]  # (value, feature, row, group), aligned
 
-    ``sae``: an SAE (any architecture) whose input width equals the store's.
-    ``window``: stored tokens (before, after) the activating one, never crossing texts.
-    ``features``: feature ids to explain (default: all). ``max_tokens``: read only the
-    first tokens of the store. ``tokenizer``: decode spans (``text`` and ``tokens``).
-    ``per_group``: spans per template group. ``candidates``: size of the running table per
-    feature (default ``4 * per_feature``). ``span_activations``: also compute the
-    feature's activation on every span token (one more encoder pass over the rows of the
-    kept spans). Returns ``{feature: spans}`` for every requested feature, best first; a
-    feature that never fires gets an empty list.
+
+def _check_topact_args(
+    per_feature: int,
+    window: Sequence[int],
+    batch_size: int,
+    per_group: int,
+    candidates: int | None,
+    max_tokens: int | None,
+) -> tuple[int, int, int]:
+    """Check the plain arguments of :func:`top_activations`, in its order.
+
+    Returns ``(before, after, m)``: the window's tokens before and after the activating
+    one and the size of the running candidate table per feature.
+
+    Raises:
+        ExplainError: a value out of range (the message names it).
     """
     if isinstance(per_feature, bool) or not isinstance(per_feature, int) or per_feature < 1:
         raise ExplainError(f"per_feature must be an integer >= 1, got {per_feature!r}.")
@@ -223,31 +215,53 @@ def top_activations(
         raise ExplainError(f"candidates ({m}) must be at least per_feature ({per_feature}).")
     if max_tokens is not None and max_tokens < 1:
         raise ExplainError(f"max_tokens must be at least 1 or None, got {max_tokens}.")
-    d_sae = int(sae.cfg.d_sae)
-    check_sae_fits(sae, store=store)
-    if store.n_tokens == 0 or not store.shards:
-        raise ExplainError(f"The activation store in {store.directory} holds no tokens.")
-    if features is None:
-        wanted = list(range(d_sae))
-    else:
-        wanted = sorted({int(f) for f in features})
-        bad = [f for f in wanted if not 0 <= f < d_sae]
-        if bad:
-            raise ExplainError(f"Feature ids {bad[:5]} are outside 0..{d_sae - 1}.")
-        if not wanted:
-            raise ExplainError("features is empty; pass None for all features.")
-    device = sae.W_enc.device
-    allowed = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    allowed[torch.tensor(wanted, dtype=torch.long, device=device)] = True
+    return before, after, m
 
+
+def _wanted_features(features: Iterable[int] | None, d_sae: int) -> list[int]:
+    """The feature ids to explain, sorted and unique (``None``: all of ``0..d_sae-1``).
+
+    Raises:
+        ExplainError: an id outside ``0..d_sae-1``, or no ids.
+    """
+    if features is None:
+        return list(range(d_sae))
+    wanted = sorted({int(f) for f in features})
+    bad = [f for f in wanted if not 0 <= f < d_sae]
+    if bad:
+        raise ExplainError(f"Feature ids {bad[:5]} are outside 0..{d_sae - 1}.")
+    if not wanted:
+        raise ExplainError("features is empty; pass None for all features.")
+    return wanted
+
+
+def _stream_candidates(
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    allowed: Tensor,
+    *,
+    limit: int,
+    batch_size: int,
+    m: int,
+    per_group: int,
+    progress: bool,
+) -> tuple[_Candidates, list[_ShardMeta]]:
+    """Encode the store's first ``limit`` tokens and keep the running candidate table.
+
+    ``allowed [d_sae]`` (bool, on the SAE's device) marks the requested features. Returns
+    the table (on the SAE's device; per feature at most ``m`` entries after capping each
+    template group at ``2 * per_group``; ordered by feature, then activation descending,
+    then store row ascending; rows are global store rows) and the metadata of every
+    shard read, in store order.
+    """
+    device = allowed.device
     groups: dict[tuple[int, ...], int] = {}
     metas: list[_ShardMeta] = []
     empty_f = torch.zeros(0, dtype=torch.float32, device=device)
     empty_l = torch.zeros(0, dtype=torch.long, device=device)
-    state = (empty_f, empty_l, empty_l, empty_l)
-    pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    state: _Candidates = (empty_f, empty_l, empty_l, empty_l)
+    pending: list[_Candidates] = []
     n_pending = 0
-    limit = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
     bar = tqdm(total=limit, desc="topact", unit="tok", disable=not progress)
     with torch.inference_mode():
         for offset, tensors in store.iter_shards(limit):
@@ -275,7 +289,42 @@ def top_activations(
                 bar.update(x.shape[0])
         state = _merge_pending(state, pending, m, 2 * per_group)
     bar.close()
+    return state, metas
 
+
+def _shard_lists(meta: _ShardMeta) -> list[list[int]]:
+    """``[group, run_start, run_end, token_ids, text_index, position]`` of a shard as lists."""
+    return [
+        t.tolist()
+        for t in (
+            meta.group,
+            meta.run_start,
+            meta.run_end,
+            meta.token_ids,
+            meta.text_index,
+            meta.position,
+        )
+    ]
+
+
+def _select_spans(
+    state: _Candidates,
+    metas: Sequence[_ShardMeta],
+    wanted: Sequence[int],
+    *,
+    per_feature: int,
+    per_group: int,
+    before: int,
+    after: int,
+) -> tuple[dict[int, list[Span]], dict[tuple[int, int], tuple[int, int, int]]]:
+    """Cut the spans of the candidate table and apply the de-duplication rule.
+
+    Visits the candidates in table order (per feature: activation descending, row
+    ascending) and keeps up to ``per_feature`` spans per feature (module docstring, steps
+    1 and 2). Returns ``{feature: spans}`` for every id in ``wanted`` (no
+    ``activations``, ``text`` or ``tokens`` yet) and, per kept span ``(feature, i)``, its
+    ``(shard, lo, hi)``: the shard and its local rows ``lo:hi``.
+    """
     val, feat, row, _ = (t.cpu() for t in state)
     offsets = torch.tensor([mt.offset for mt in metas])
     shard_of = torch.searchsorted(offsets, row, right=True) - 1
@@ -293,18 +342,7 @@ def top_activations(
         if len(kept) >= per_feature:
             continue
         if s not in lists:  # python lists: per-element tensor indexing is slow
-            mt = metas[s]
-            lists[s] = [
-                t.tolist()
-                for t in (
-                    mt.group,
-                    mt.run_start,
-                    mt.run_end,
-                    mt.token_ids,
-                    mt.text_index,
-                    mt.position,
-                )
-            ]
+            lists[s] = _shard_lists(metas[s])
         grp_l, start_l, end_l, tok_l, text_l, pos_l = lists[s]
         local = r - metas[s].offset
         g = grp_l[local]
@@ -333,7 +371,68 @@ def top_activations(
                 focus=focus,
             )
         )
+    return result, where
 
+
+def top_activations(
+    sae: SparseAutoencoder,
+    store: ActivationStore,
+    *,
+    per_feature: int = 20,
+    window: Sequence[int] = (8, 3),
+    features: Iterable[int] | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4096,
+    progress: bool = True,
+    tokenizer: Any = None,
+    per_group: int = 2,
+    candidates: int | None = None,
+    span_activations: bool = True,
+) -> dict[int, list[Span]]:
+    """Top-activating spans per feature (see the module docstring for the rules).
+
+    ``sae``: an SAE (any architecture) whose input width equals the store's.
+    ``window``: stored tokens (before, after) the activating one, never crossing texts.
+    ``features``: feature ids to explain (default: all). ``max_tokens``: read only the
+    first tokens of the store. ``tokenizer``: decode spans (``text`` and ``tokens``).
+    ``per_group``: spans per template group. ``candidates``: size of the running table per
+    feature (default ``4 * per_feature``). ``span_activations``: also compute the
+    feature's activation on every span token (one more encoder pass over the rows of the
+    kept spans). Returns ``{feature: spans}`` for every requested feature, best first; a
+    feature that never fires gets an empty list.
+    """
+    before, after, m = _check_topact_args(
+        per_feature, window, batch_size, per_group, candidates, max_tokens
+    )
+    d_sae = int(sae.cfg.d_sae)
+    check_sae_fits(sae, store=store)
+    if store.n_tokens == 0 or not store.shards:
+        raise ExplainError(f"The activation store in {store.directory} holds no tokens.")
+    wanted = _wanted_features(features, d_sae)
+    device = sae.W_enc.device
+    allowed = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    allowed[torch.tensor(wanted, dtype=torch.long, device=device)] = True
+
+    limit = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
+    state, metas = _stream_candidates(
+        sae,
+        store,
+        allowed,
+        limit=limit,
+        batch_size=batch_size,
+        m=m,
+        per_group=per_group,
+        progress=progress,
+    )
+    result, where = _select_spans(
+        state,
+        metas,
+        wanted,
+        per_feature=per_feature,
+        per_group=per_group,
+        before=before,
+        after=after,
+    )
     if span_activations:
         _fill_activations(sae, store, result, where, batch_size)
     if tokenizer is not None:

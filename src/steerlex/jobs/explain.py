@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steerlex.core.config import option
+from steerlex.core.config import inherit, option
 from steerlex.core.errors import ExplainError
 from steerlex.core.io import write_bytes_atomic, write_json_atomic
 from steerlex.explain.method import EXPLANATION_METHODS, Explanation, get_method, method_names
@@ -317,10 +317,8 @@ def explain_metrics_job(cfg: ExplainMetricsConfig, ctx: RunContext) -> MetricsRe
 class NeuronpediaConfig:
     """``steerlex export-neuronpedia``: explanations in Neuronpedia's explanation schema."""
 
-    sae: str | None = option(None, required=True, help="SAE directory the explanations describe")
-    explanations: str | None = option(
-        None, help="directory of <method>.jsonl files (default SAE_DIR/explanations)"
-    )
+    sae: str | None = inherit(ExplainMetricsConfig, "sae")
+    explanations: str | None = inherit(ExplainMetricsConfig, "explanations")
     methods: list[str] = option(
         factory=list, flag="method", repeat=True, choices=method_names,
         help="methods to export (default: all present); repeatable",

@@ -14,7 +14,7 @@ from steerlex.explain.method import Explanation, Side, default_method, method_na
 from steerlex.explain.run import read_explanations
 from steerlex.explain.summaries import BACKEND_KINDS, backend_from_options
 from steerlex.jobs.context import RunContext
-from steerlex.jobs.explain import sae_dir
+from steerlex.jobs.explain import ExplainMetricsConfig, sae_dir
 from steerlex.steer.concepts import PRESETS, Concept, get_concept
 from steerlex.steer.select import (
     METHOD_OPTIONS,
@@ -66,9 +66,7 @@ class SelectConfig:
         "explanation words; llm: an LLM judge labels each word list; data: features whose "
         "mean activation differs most between harmful and benign prompts; manual: --ids",
     )  # fmt: skip
-    explanations: str | None = option(
-        None, help="directory of <method>.jsonl files (default SAE_DIR/explanations)"
-    )
+    explanations: str | None = inherit(ExplainMetricsConfig, "explanations")
     explanation_method: str | None = option(
         None, choices=method_names,
         help="which explanation file to read (default: the first method describing the "

@@ -12,7 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+
 from steerlex.core.errors import SteerlexError
+from steerlex.models.hooks import forward_to_layer
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -166,10 +169,6 @@ def prompt_residuals(
     positions past ``len(encodings[i].input_ids)`` are padding). ``skip_empty`` drops
     prompts with no token of user text before the forward pass.
     """
-    import torch
-
-    from steerlex.models.hooks import forward_to_layer
-
     tok, model = loaded.tokenizer, loaded.model
     chat = has_chat_template(tok)
     pad = pad_id(tok)

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steerlex.core.errors import IntegrityError, MissingPackageError
 from steerlex.core.io import sha256_file
-from steerlex.models.cache import cache_root
+from steerlex.models.cache import cache_root, cached_sha256
 
 MARKER = "steerlex-model.json"
 
@@ -172,9 +174,6 @@ Converter = Callable[[Path, Path], None]
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise ``gguf`` with transformers and save model + tokenizer as safetensors."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -254,8 +253,6 @@ def prepare_embedded(name: str, *, converter: Converter | None = None) -> Path:
 
 def prepare_gguf_file(path: Path, *, converter: Converter | None = None) -> Path:
     """Convert a user's GGUF file into the cache (keyed by its sha256); return the dir."""
-    from steerlex.models.cache import cached_sha256
-
     digest = cached_sha256(path)
     return ensure_converted(
         path.name, digest, [path], source_note=f"GGUF file {path.resolve()}", converter=converter

@@ -12,11 +12,14 @@ A spec is one of:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from steerlex.core.errors import ModelSpecError
 from steerlex.hub import hub_unreachable_reason, offline_vars
@@ -127,12 +130,8 @@ def model_dir(resolved: ResolvedSpec) -> tuple[str, str, str]:
         marker = directory / MARKER
         weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
         if marker.is_file():  # one of our caches: the source hash is recorded
-            import json
-
             digest = json.loads(marker.read_text())["sha256"]
         else:
-            import hashlib
-
             h = hashlib.sha256()
             for w in weights:
                 h.update(w.name.encode() + b"\0" + cached_sha256(w).encode())
@@ -155,8 +154,6 @@ def load_config(spec: str) -> tuple[Any, Any, ResolvedSpec, str, str]:
 
     An embedded model or GGUF file is converted into the cache first if needed.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     resolved = resolve_spec(spec)
     location, source, weights_id = model_dir(resolved)
     config = _from_pretrained(AutoConfig, location, spec)
@@ -178,8 +175,6 @@ def load_model(
     let accelerate spread it over GPUs, in which case ``device`` is ignored.
     Remote code is never run unless ``trust_remote_code=True``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     resolved = resolve_spec(spec)
     torch_dtype = parse_dtype(dtype)
     location, source, weights_id = model_dir(resolved)

@@ -27,6 +27,7 @@ from typing import Any
 import steerlex
 from steerlex.core.errors import ReportError
 from steerlex.core.io import write_bytes_atomic
+from steerlex.evaluate.run import results_table
 from steerlex.explain.method import method_names
 from steerlex.explain.run import read_explanations
 from steerlex.plots import PALETTE
@@ -577,7 +578,6 @@ def _selected(root: Path) -> str:
 
 
 def _defences(root: Path) -> str:
-    from steerlex.evaluate.run import results_table
 
     path = root / "eval" / "scores.json"
     scores = read_json_optional(path, "evaluation scores")

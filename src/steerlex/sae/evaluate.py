@@ -30,7 +30,7 @@ import importlib.util
 import json
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,152 @@ def firing_histogram(
     }
 
 
+@dataclass
+class _MetricSums:
+    """Running sums of one streaming pass, on the SAE's device.
+
+    ``mean`` ``[d_in]``, ``m2`` (Σ ||x - mean||²) and ``sq_err`` (Σ ||x - x̂||²) are in the
+    accumulation dtype (:func:`_acc_dtype`); ``l0_sum`` and ``counts`` ``[d_sae]`` are int64.
+    """
+
+    n: int
+    mean: Tensor
+    m2: Tensor
+    sq_err: Tensor
+    l0_sum: Tensor
+    counts: Tensor
+
+    @classmethod
+    def zeros(cls, d_in: int, d_sae: int, device: torch.device) -> _MetricSums:
+        """Empty sums (no token seen yet) for an SAE of width ``d_in -> d_sae``."""
+        acc = _acc_dtype(device)
+        return cls(
+            n=0,
+            mean=torch.zeros(d_in, dtype=acc, device=device),
+            m2=torch.zeros((), dtype=acc, device=device),
+            sq_err=torch.zeros((), dtype=acc, device=device),
+            l0_sum=torch.zeros((), dtype=torch.int64, device=device),
+            counts=torch.zeros(d_sae, dtype=torch.int64, device=device),
+        )
+
+    def add(self, sae: SparseAutoencoder, x: Tensor) -> None:
+        """Add the ``[b, d_in]`` batch ``x`` (already on the SAE's device, b >= 1)."""
+        values, indices = sae.encode_sparse(x)
+        recon = sae.decode_sparse(values, indices)
+        fired = values > 0
+        self.l0_sum += fired.sum()
+        self.counts += torch.bincount(indices[fired], minlength=sae.cfg.d_sae)
+        xa = x.to(self.mean.dtype)
+        self.sq_err += (xa - recon.to(self.mean.dtype)).square().sum()
+        # Chan et al.'s pairwise update of the mean and the sum of squared deviations
+        nb = xa.shape[0]
+        mb = xa.mean(dim=0)
+        m2b = (xa - mb).square().sum()
+        delta = mb - self.mean
+        new_n = self.n + nb
+        self.m2 += m2b + delta.square().sum() * (self.n * nb / new_n)
+        self.mean += delta * (nb / new_n)
+        self.n = new_n
+
+
+def _expected_tokens(
+    sae: SparseAutoencoder, source: ActivationSource, max_tokens: int | None
+) -> int | None:
+    """Tokens the pass will read, when known up front (for the progress bar), else None.
+
+    Checks that the SAE fits a store source (:func:`check_sae_fits`).
+    """
+    if isinstance(source, ActivationStore):
+        check_sae_fits(sae, store=source)
+        return source.n_tokens if max_tokens is None else min(max_tokens, source.n_tokens)
+    if isinstance(source, Tensor):
+        return source.shape[0] if max_tokens is None else min(max_tokens, source.shape[0])
+    return None
+
+
+def _check_width(sae: SparseAutoencoder, batch: _Batch) -> None:
+    """Raise SAEError when the batch's width is not the SAE's ``d_in``."""
+    d_in = sae.cfg.d_in
+    if batch.x.shape[-1] != d_in:
+        raise SAEError(
+            f"The SAE takes width d_in={d_in}{sae_origin(sae)}, but the activations "
+            f"({batch.where}) have width {batch.x.shape[-1]}; pass activations of the "
+            "model and layer the SAE was trained on."
+        )
+
+
+def _accumulate(
+    sae: SparseAutoencoder,
+    source: ActivationSource,
+    *,
+    max_tokens: int | None,
+    batch_size: int,
+    total: int | None,
+    progress: bool,
+) -> _MetricSums:
+    """One pass over ``source`` (checking width and finiteness of every batch) into sums."""
+    device = sae.W_enc.device
+    sums = _MetricSums.zeros(sae.cfg.d_in, sae.cfg.d_sae, device)
+    bar = tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc="SAE metrics",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for batch in _iter_source(source, batch_size, max_tokens):
+            _check_width(sae, batch)
+            if batch.x.shape[0] == 0:
+                continue
+            _check_finite(batch)
+            sums.add(sae, batch.x.to(device))
+            bar.update(batch.x.shape[0])
+    finally:
+        bar.close()
+    return sums
+
+
+def _metrics_from_sums(
+    sae: SparseAutoencoder,
+    sums: _MetricSums,
+    *,
+    dense_threshold: float,
+    hist_bins: int,
+    hist_range: tuple[float, float],
+) -> dict[str, Any]:
+    """The JSON-able result of :func:`activation_metrics` from the sums of a non-empty pass."""
+    n, d_sae = sums.n, sae.cfg.d_sae
+    var_sum, err_sum = float(sums.m2), float(sums.sq_err)
+    nmse = err_sum / var_sum if var_sum > 0 else (0.0 if err_sum == 0 else math.inf)
+    freq = sums.counts.to("cpu", torch.float64) / n
+    n_dead = int((sums.counts == 0).sum())
+    n_dense = int((freq > dense_threshold).sum())
+    lo, hi = hist_range
+    return {
+        "n_tokens": n,
+        "d_in": sae.cfg.d_in,
+        "d_sae": d_sae,
+        "k": sae.cfg.k,
+        "architecture": sae.cfg.architecture,
+        "nmse": nmse,
+        "fve": 1.0 - nmse,
+        "mse": err_sum / n,
+        "variance": var_sum / n,
+        "l0": float(sums.l0_sum) / n,
+        "n_dead": n_dead,
+        "dead_fraction": n_dead / d_sae,
+        "n_dense": n_dense,
+        "dense_fraction": n_dense / d_sae,
+        "dense_threshold": dense_threshold,
+        "firing_frequency": freq.tolist(),
+        "firing_histogram": firing_histogram(sums.counts, n, bins=hist_bins, lo=lo, hi=hi),
+        "mean_activation": sums.mean.to("cpu", torch.float64).tolist(),
+    }
+
+
 @torch.no_grad()
 def activation_metrics(
     sae: SparseAutoencoder,
@@ -221,95 +367,19 @@ def activation_metrics(
         raise SAEError(f"batch_size must be at least 1, got {batch_size}.")
     if max_tokens is not None and max_tokens < 1:
         raise SAEError(f"max_tokens must be at least 1 (or None for all), got {max_tokens}.")
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
-    total: int | None = None
-    if isinstance(source, ActivationStore):
-        check_sae_fits(sae, store=source)
-        total = source.n_tokens if max_tokens is None else min(max_tokens, source.n_tokens)
-    elif isinstance(source, Tensor):
-        total = source.shape[0] if max_tokens is None else min(max_tokens, source.shape[0])
-
-    device = sae.W_enc.device
-    acc = _acc_dtype(device)
-    n = 0
-    mean = torch.zeros(d_in, dtype=acc, device=device)
-    m2 = torch.zeros((), dtype=acc, device=device)  # Σ ||x - mean||²
-    sq_err = torch.zeros((), dtype=acc, device=device)
-    l0_sum = torch.zeros((), dtype=torch.int64, device=device)
-    counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
-
-    bar = tqdm(
-        total=total,
-        unit="tok",
-        unit_scale=True,
-        desc="SAE metrics",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
+    total = _expected_tokens(sae, source, max_tokens)
+    sums = _accumulate(
+        sae, source, max_tokens=max_tokens, batch_size=batch_size, total=total, progress=progress
     )
-    try:
-        for batch in _iter_source(source, batch_size, max_tokens):
-            if batch.x.shape[-1] != d_in:
-                raise SAEError(
-                    f"The SAE takes width d_in={d_in}{sae_origin(sae)}, but the activations "
-                    f"({batch.where}) have width {batch.x.shape[-1]}; pass activations of the "
-                    "model and layer the SAE was trained on."
-                )
-            if batch.x.shape[0] == 0:
-                continue
-            _check_finite(batch)
-            x = batch.x.to(device)
-            values, indices = sae.encode_sparse(x)
-            recon = sae.decode_sparse(values, indices)
-            fired = values > 0
-            l0_sum += fired.sum()
-            counts += torch.bincount(indices[fired], minlength=d_sae)
-            xa = x.to(acc)
-            sq_err += (xa - recon.to(acc)).square().sum()
-            nb = xa.shape[0]
-            mb = xa.mean(dim=0)
-            m2b = (xa - mb).square().sum()
-            delta = mb - mean
-            new_n = n + nb
-            m2 += m2b + delta.square().sum() * (n * nb / new_n)
-            mean += delta * (nb / new_n)
-            n = new_n
-            bar.update(nb)
-    finally:
-        bar.close()
-
-    if n == 0:
+    if sums.n == 0:
         raise SAEError(
             "No activations to evaluate: the store or batches are empty"
             + (f" (max_tokens={max_tokens})" if max_tokens is not None else "")
             + "; harvest held-out texts first."
         )
-    var_sum, err_sum = float(m2), float(sq_err)
-    nmse = err_sum / var_sum if var_sum > 0 else (0.0 if err_sum == 0 else math.inf)
-    freq = counts.to("cpu", torch.float64) / n
-    n_dead = int((counts == 0).sum())
-    n_dense = int((freq > dense_threshold).sum())
-    lo, hi = hist_range
-    return {
-        "n_tokens": n,
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "k": sae.cfg.k,
-        "architecture": sae.cfg.architecture,
-        "nmse": nmse,
-        "fve": 1.0 - nmse,
-        "mse": err_sum / n,
-        "variance": var_sum / n,
-        "l0": float(l0_sum) / n,
-        "n_dead": n_dead,
-        "dead_fraction": n_dead / d_sae,
-        "n_dense": n_dense,
-        "dense_fraction": n_dense / d_sae,
-        "dense_threshold": dense_threshold,
-        "firing_frequency": freq.tolist(),
-        "firing_histogram": firing_histogram(counts, n, bins=hist_bins, lo=lo, hi=hi),
-        "mean_activation": mean.to("cpu", torch.float64).tolist(),
-    }
+    return _metrics_from_sums(
+        sae, sums, dense_threshold=dense_threshold, hist_bins=hist_bins, hist_range=hist_range
+    )
 
 
 # --- spliced-in LM loss ------------------------------------------------------------------------
@@ -375,6 +445,197 @@ def _ce_sum(logits: Tensor, ids: Tensor, scored: Tensor) -> tuple[float, int]:
     return float(ce.double()), int(rows.numel())
 
 
+def _check_splice_args(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    texts: Sequence[Any],
+    layer: int,
+    *,
+    keep: Keep,
+    batch_size: int,
+) -> int:
+    """The checked 0-based ``layer`` of :func:`spliced_lm_loss`'s arguments.
+
+    Raises, in this order: LayerError for a layer the model lacks; SAEError for an SAE that
+    does not fit the model or layer, an unknown keep rule, ``batch_size < 1``, or no texts.
+    """
+    layer = check_layer(loaded.model, layer)
+    check_sae_fits(sae, loaded=loaded, layer=layer, other_layer="error", check_weights=False)
+    if keep not in KEEP_CHOICES:
+        raise SAEError(f"Unknown keep rule '{keep}'; use one of {', '.join(KEEP_CHOICES)}.")
+    if batch_size < 1:
+        raise SAEError(f"batch_size must be at least 1, got {batch_size}.")
+    if not texts:
+        raise SAEError("No texts for the spliced-in LM loss: the text list is empty.")
+    return layer
+
+
+def _mean_vector(mean_activation: Tensor | Sequence[float] | None, d_in: int) -> Tensor | None:
+    """``mean_activation`` as a flat ``[d_in]`` tensor (None stays None); SAEError for another
+    length or a non-finite entry."""
+    if mean_activation is None:
+        return None
+    mean_vec = torch.as_tensor(mean_activation).detach().flatten()
+    if mean_vec.numel() != d_in:
+        raise SAEError(
+            f"mean_activation has {mean_vec.numel()} entries; the residual width is {d_in}."
+        )
+    if not bool(torch.isfinite(mean_vec).all()):
+        raise SAEError("mean_activation holds NaN or Inf values.")
+    return mean_vec
+
+
+@dataclass(frozen=True)
+class _Padded:
+    """One right-padded batch of prepared prompts; every tensor is ``[B, T]`` on the CPU."""
+
+    ids: Tensor  # token ids, 0 at pads
+    attn: Tensor  # attention mask: 1 at real tokens
+    kept: Tensor  # bool: positions spliced
+    scored: Tensor  # bool: positions whose next-token prediction counts
+
+
+def _pad(prepared: Sequence[_Prepared], batch: Sequence[int]) -> _Padded:
+    """The prompts ``prepared[j] for j in batch``, right-padded to the longest of them."""
+    width = max(len(prepared[j].ids) for j in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    attn = torch.zeros(len(batch), width, dtype=torch.long)
+    kept = torch.zeros(len(batch), width, dtype=torch.bool)
+    scored = torch.zeros(len(batch), width, dtype=torch.bool)
+    for r, j in enumerate(batch):  # right padding: real tokens keep positions 0..n-1
+        p = prepared[j]
+        ids[r, : len(p.ids)] = torch.tensor(p.ids)
+        attn[r, : len(p.ids)] = 1
+        kept[r, p.keep] = True
+        scored[r, p.scored] = True
+    return _Padded(ids, attn, kept, scored)
+
+
+def _splice_for(
+    cond: str, mask: Tensor, sae: SparseAutoencoder, mean_vec: Tensor | None
+) -> Callable[[Tensor], Tensor]:
+    """The residual edit of condition ``cond`` ("sae", "zero" or "mean") at ``mask [B, T]``:
+    returns a copy of ``h [B, T, d]`` with ``h[mask]`` replaced, in ``h``'s device and dtype."""
+    sae_device = sae.W_enc.device
+    sae_dtype = sae.W_enc.dtype
+
+    def splice(h: Tensor) -> Tensor:
+        out = h.clone()
+        m = mask.to(h.device)
+        if cond == "sae":
+            sel = h[m].to(sae_device, sae_dtype)
+            out[m] = sae(sel).to(h.device, h.dtype)
+        elif cond == "zero":
+            out[m] = 0
+        else:
+            assert mean_vec is not None
+            out[m] = mean_vec.to(h.device, h.dtype)
+        return out
+
+    return splice
+
+
+def _logits(
+    model: Any,
+    layer: int,
+    ids: Tensor,
+    attn: Tensor,
+    splice: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
+    """``[B, T, vocab]`` logits of the model on ``ids``, with ``splice`` (if any) editing the
+    output of ``layer``."""
+    if splice is None:
+        return model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    with edit_residual(model, layer, splice):
+        return model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+
+
+@dataclass
+class _CETotals:
+    """Summed next-token CE (nats) per condition, in condition order, over all batches."""
+
+    sums: dict[str, float]
+    n_scored: int = 0  # counted predictions (the same in every condition)
+    n_spliced: int = 0  # spliced positions
+
+    def means(self, spec: str, layer: int) -> dict[str, float]:
+        """Mean CE (nats per counted token) per condition; SAEError when one is not finite."""
+        ce = {cond: total / self.n_scored for cond, total in self.sums.items()}
+        bad = [cond for cond, v in ce.items() if not math.isfinite(v)]
+        if bad:
+            raise SAEError(
+                f"The cross-entropy is not finite in condition(s) {', '.join(bad)} on {spec} "
+                f"layer {layer}; check the model dtype (fp16 overflows) and the SAE weights."
+            )
+        return ce
+
+
+def _ce_totals(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    prepared: Sequence[_Prepared],
+    layer: int,
+    mean_vec: Tensor | None,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> _CETotals:
+    """CE of every prepared prompt in the conditions clean, sae, zero (and mean, given
+    ``mean_vec``), in batches of ``batch_size`` prompts, longest first (ties by index)."""
+    model = loaded.model
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(prepared)), key=lambda j: (-len(prepared[j].ids), j))
+    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    conditions = ["clean", "sae", "zero"] + ([] if mean_vec is None else ["mean"])
+    totals = _CETotals(dict.fromkeys(conditions, 0.0))
+    bar = tqdm(
+        total=len(conditions) * len(batches),
+        unit="batch",
+        desc=f"spliced loss layer {layer}",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for batch in batches:
+            padded = _pad(prepared, batch)
+            totals.n_spliced += int(padded.kept.sum())
+            ids_d, attn_d = padded.ids.to(device), padded.attn.to(device)
+            for cond in conditions:
+                splice = None if cond == "clean" else _splice_for(cond, padded.kept, sae, mean_vec)
+                logits = _logits(model, layer, ids_d, attn_d, splice)
+                total, count = _ce_sum(logits, padded.ids, padded.scored)
+                del logits
+                totals.sums[cond] += total
+                if cond == "clean":
+                    totals.n_scored += count
+                bar.update(1)
+    finally:
+        bar.close()
+    return totals
+
+
+def _loss_numbers(ce: Mapping[str, float]) -> dict[str, float | None]:
+    """CE per condition (``ce_mean`` None without a mean condition), the CE increase, and the
+    loss recovered against zero and mean ablation (percent; None when undefined)."""
+
+    def recovered(ablated: float | None) -> float | None:
+        if ablated is None or ablated == ce["clean"]:
+            return None
+        return 100.0 * (ablated - ce["sae"]) / (ablated - ce["clean"])
+
+    ce_mean = ce.get("mean")
+    return {
+        "ce_clean": ce["clean"],
+        "ce_sae": ce["sae"],
+        "ce_zero": ce["zero"],
+        "ce_mean": ce_mean,
+        "ce_increase": ce["sae"] - ce["clean"],
+        "loss_recovered_zero": recovered(ce["zero"]),
+        "loss_recovered_mean": recovered(ce_mean),
+    }
+
+
 @torch.inference_mode()
 def spliced_lm_loss(
     loaded: LoadedModel,
@@ -429,18 +690,10 @@ def spliced_lm_loss(
     Raises:
         SAEError: SAE width or layer mismatch, no texts, no countable token, non-finite CE.
     """
-    model, tokenizer = loaded.model, loaded.tokenizer
-    layer = check_layer(model, layer)
-    check_sae_fits(sae, loaded=loaded, layer=layer, other_layer="error", check_weights=False)
-    if keep not in KEEP_CHOICES:
-        raise SAEError(f"Unknown keep rule '{keep}'; use one of {', '.join(KEEP_CHOICES)}.")
-    if batch_size < 1:
-        raise SAEError(f"batch_size must be at least 1, got {batch_size}.")
-    if not texts:
-        raise SAEError("No texts for the spliced-in LM loss: the text list is empty.")
-    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    layer = _check_splice_args(loaded, sae, texts, layer, keep=keep, batch_size=batch_size)
+    use_chat = has_chat_template(loaded.tokenizer) if chat is None else chat
     prepared = _prepare(
-        tokenizer,
+        loaded.tokenizer,
         texts,
         chat=use_chat,
         system_prompt=system_prompt,
@@ -452,109 +705,16 @@ def spliced_lm_loss(
             f"None of the {len(texts)} texts has a token to score under keep='{keep}' (each needs "
             "a kept position followed by another token); use longer texts or a wider keep rule."
         )
-    mean_vec: Tensor | None = None
-    if mean_activation is not None:
-        mean_vec = torch.as_tensor(mean_activation).detach().flatten()
-        if mean_vec.numel() != sae.cfg.d_in:
-            raise SAEError(
-                f"mean_activation has {mean_vec.numel()} entries; the residual width is "
-                f"{sae.cfg.d_in}."
-            )
-        if not bool(torch.isfinite(mean_vec).all()):
-            raise SAEError("mean_activation holds NaN or Inf values.")
-
-    device = model.get_input_embeddings().weight.device
-    sae_device = sae.W_enc.device
-    sae_dtype = sae.W_enc.dtype
-    order = sorted(range(len(prepared)), key=lambda j: (-len(prepared[j].ids), j))
-    batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
-    conditions = ["clean", "sae", "zero"] + ([] if mean_vec is None else ["mean"])
-
-    def splice_for(cond: str, mask: Tensor) -> Any:
-        def fn(h: Tensor) -> Tensor:
-            out = h.clone()
-            m = mask.to(h.device)
-            if cond == "sae":
-                sel = h[m].to(sae_device, sae_dtype)
-                out[m] = sae(sel).to(h.device, h.dtype)
-            elif cond == "zero":
-                out[m] = 0
-            else:
-                assert mean_vec is not None
-                out[m] = mean_vec.to(h.device, h.dtype)
-            return out
-
-        return fn
-
-    sums = dict.fromkeys(conditions, 0.0)
-    n_scored = 0
-    n_spliced = 0
-    bar = tqdm(
-        total=len(conditions) * len(batches),
-        unit="batch",
-        desc=f"spliced loss layer {layer}",
-        disable=not progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
+    mean_vec = _mean_vector(mean_activation, sae.cfg.d_in)
+    totals = _ce_totals(
+        loaded, sae, prepared, layer, mean_vec, batch_size=batch_size, progress=progress
     )
-    try:
-        for batch in batches:
-            width = max(len(prepared[j].ids) for j in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            attn = torch.zeros(len(batch), width, dtype=torch.long)
-            kept = torch.zeros(len(batch), width, dtype=torch.bool)
-            scored = torch.zeros(len(batch), width, dtype=torch.bool)
-            for r, j in enumerate(batch):  # right padding: real tokens keep positions 0..n-1
-                p = prepared[j]
-                ids[r, : len(p.ids)] = torch.tensor(p.ids)
-                attn[r, : len(p.ids)] = 1
-                kept[r, p.keep] = True
-                scored[r, p.scored] = True
-            n_spliced += int(kept.sum())
-            ids_d, attn_d = ids.to(device), attn.to(device)
-            for cond in conditions:
-                if cond == "clean":
-                    logits = model(input_ids=ids_d, attention_mask=attn_d, use_cache=False).logits
-                else:
-                    with edit_residual(model, layer, splice_for(cond, kept)):
-                        logits = model(
-                            input_ids=ids_d, attention_mask=attn_d, use_cache=False
-                        ).logits
-                total, count = _ce_sum(logits, ids, scored)
-                del logits
-                sums[cond] += total
-                if cond == "clean":
-                    n_scored += count
-                bar.update(1)
-    finally:
-        bar.close()
-
-    ce = {cond: sums[cond] / n_scored for cond in conditions}
-    bad = [cond for cond, v in ce.items() if not math.isfinite(v)]
-    if bad:
-        raise SAEError(
-            f"The cross-entropy is not finite in condition(s) {', '.join(bad)} on {loaded.spec} "
-            f"layer {layer}; check the model dtype (fp16 overflows) and the SAE weights."
-        )
-
-    def recovered(ablated: float | None) -> float | None:
-        if ablated is None or ablated == ce["clean"]:
-            return None
-        return 100.0 * (ablated - ce["sae"]) / (ablated - ce["clean"])
-
-    ce_mean = ce.get("mean")
     return {
-        "ce_clean": ce["clean"],
-        "ce_sae": ce["sae"],
-        "ce_zero": ce["zero"],
-        "ce_mean": ce_mean,
-        "ce_increase": ce["sae"] - ce["clean"],
-        "loss_recovered_zero": recovered(ce["zero"]),
-        "loss_recovered_mean": recovered(ce_mean),
-        "n_tokens": n_scored,
+        **_loss_numbers(totals.means(loaded.spec, layer)),
+        "n_tokens": totals.n_scored,
         "n_texts": len(prepared),
         "n_texts_skipped": len(texts) - len(prepared),
-        "n_spliced_positions": n_spliced,
+        "n_spliced_positions": totals.n_spliced,
         "model": loaded.spec,
         "layer": layer,
         "chat": use_chat,
@@ -582,6 +742,105 @@ def _plot(hist: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+
+
+def _check_same_weights(
+    st: ActivationStore, identity: Mapping[str, Any], loaded: LoadedModel
+) -> None:
+    """SAEError when the store records weights other than ``loaded``'s (unknown ones pass)."""
+    store_weights = identity.get("weights_id") or st.index.get("model", {}).get("weights_id")
+    if store_weights not in (None, "", "unknown") and store_weights != loaded.weights_id:
+        raise SAEError(
+            f"The store {st.directory} was harvested from {st.index['model'].get('spec')} "
+            f"(weights {store_weights}), but the model given is {loaded.spec} (weights "
+            f"{loaded.weights_id}); splice into the model the activations came from."
+        )
+
+
+def _lm_texts(
+    st: ActivationStore, lm_texts: Sequence[Any] | None, max_lm_texts: int | None
+) -> Sequence[Any]:
+    """``lm_texts``, or the store's own texts; at most ``max_lm_texts`` of them, evenly spaced.
+
+    Raises SAEError when ``lm_texts`` is None and the store records no texts.
+    """
+    texts: Sequence[Any] = st.texts() if lm_texts is None else lm_texts
+    if lm_texts is None and not texts:
+        raise SAEError(
+            f"The store {st.directory} records no texts (it was written from raw "
+            "activations), so there is nothing to splice into; pass lm_texts."
+        )
+    if max_lm_texts is not None and len(texts) > max_lm_texts:
+        # evenly spaced, so every source in the store is represented
+        texts = [texts[(i * len(texts)) // max_lm_texts] for i in range(max_lm_texts)]
+    return texts
+
+
+def _store_spliced_loss(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    st: ActivationStore,
+    metrics: Mapping[str, Any],
+    *,
+    lm_texts: Sequence[Any] | None,
+    max_lm_texts: int | None,
+    lm_batch_size: int,
+    progress: bool,
+) -> tuple[dict[str, Any], list[str]]:
+    """:func:`spliced_lm_loss` at the store's layer with its harvest settings, mean-ablating
+    with ``metrics["mean_activation"]``, and the warnings for ``eval.json`` (one when the store
+    records no harvest settings).
+
+    Raises:
+        SAEError: ``loaded`` is not the store's model, no texts, or as :func:`spliced_lm_loss`.
+    """
+    identity: dict[str, Any] = st.index.get("identity", {})
+    _check_same_weights(st, identity, loaded)
+    texts = _lm_texts(st, lm_texts, max_lm_texts)
+    warnings: list[str] = []
+    if "keep" not in identity:
+        warnings.append(
+            "The store records no harvest settings (chat, keep, max_length); the spliced "
+            "loss used chat=tokenizer default, keep='no-prefix', max_length=512."
+        )
+    spliced = spliced_lm_loss(
+        loaded,
+        sae,
+        texts,
+        st.layer,
+        chat=identity.get("chat"),
+        system_prompt=identity.get("system_prompt"),
+        keep=identity.get("keep", "no-prefix"),
+        max_length=identity.get("max_length", 512),
+        batch_size=lm_batch_size,
+        mean_activation=torch.tensor(metrics["mean_activation"], dtype=torch.float64),
+        progress=progress,
+    )
+    spliced["mean_source"] = f"mean of the {metrics['n_tokens']} evaluated store activations"
+    return spliced, warnings
+
+
+def _plot_fields(
+    plot: bool, sae: SparseAutoencoder, st: ActivationStore, hist: dict[str, Any], out: Path
+) -> dict[str, str | None]:
+    """Write ``out/firing_histogram.png`` when ``plot`` and matplotlib is importable; return
+    ``eval.json``'s ``plot`` (the file name or None) and ``plot_note`` (why none, or None)."""
+    if plot and importlib.util.find_spec("matplotlib") is not None:
+        title = f"SAE d_sae={sae.cfg.d_sae}, layer {st.layer}"
+        _plot(hist, out / PLOT_FILE, title)
+        return {"plot": PLOT_FILE, "plot_note": None}
+    note = "plot turned off" if not plot else "matplotlib is not installed; no plot was made"
+    return {"plot": None, "plot_note": note}
+
+
+def _write_vectors(out: Path, metrics: Mapping[str, Any]) -> None:
+    """Write ``out/firing_frequency.json``: the ``[d_sae]`` and ``[d_in]`` vectors, n_tokens."""
+    vectors = {
+        "firing_frequency": metrics["firing_frequency"],
+        "mean_activation": metrics["mean_activation"],
+        "n_tokens": metrics["n_tokens"],
+    }
+    write_bytes_atomic(out / FREQUENCY_FILE, (json.dumps(vectors) + "\n").encode())
 
 
 def evaluate_sae(
@@ -636,47 +895,18 @@ def evaluate_sae(
     )
     identity: dict[str, Any] = st.index.get("identity", {})
     spliced: dict[str, Any] | None = None
-    spliced_note: str | None = None
     warnings: list[str] = []
-    if loaded is None:
-        spliced_note = "no model given: the spliced-in LM loss was not computed"
-    else:
-        store_weights = identity.get("weights_id") or st.index.get("model", {}).get("weights_id")
-        if store_weights not in (None, "", "unknown") and store_weights != loaded.weights_id:
-            raise SAEError(
-                f"The store {st.directory} was harvested from {st.index['model'].get('spec')} "
-                f"(weights {store_weights}), but the model given is {loaded.spec} (weights "
-                f"{loaded.weights_id}); splice into the model the activations came from."
-            )
-        texts: Sequence[Any] = st.texts() if lm_texts is None else lm_texts
-        if lm_texts is None and not texts:
-            raise SAEError(
-                f"The store {st.directory} records no texts (it was written from raw "
-                "activations), so there is nothing to splice into; pass lm_texts."
-            )
-        if "keep" not in identity:
-            warnings.append(
-                "The store records no harvest settings (chat, keep, max_length); the spliced "
-                "loss used chat=tokenizer default, keep='no-prefix', max_length=512."
-            )
-        if max_lm_texts is not None and len(texts) > max_lm_texts:
-            # evenly spaced, so every source in the store is represented
-            texts = [texts[(i * len(texts)) // max_lm_texts] for i in range(max_lm_texts)]
-        spliced = spliced_lm_loss(
+    if loaded is not None:
+        spliced, warnings = _store_spliced_loss(
             loaded,
             sae,
-            texts,
-            st.layer,
-            chat=identity.get("chat"),
-            system_prompt=identity.get("system_prompt"),
-            keep=identity.get("keep", "no-prefix"),
-            max_length=identity.get("max_length", 512),
-            batch_size=lm_batch_size,
-            mean_activation=torch.tensor(metrics["mean_activation"], dtype=torch.float64),
+            st,
+            metrics,
+            lm_texts=lm_texts,
+            max_lm_texts=max_lm_texts,
+            lm_batch_size=lm_batch_size,
             progress=progress,
         )
-        spliced["mean_source"] = f"mean of the {metrics['n_tokens']} evaluated store activations"
-
     if sae.cfg.keep is not None and sae.cfg.keep != identity.get("keep", sae.cfg.keep):
         warnings.append(
             f"The SAE was trained with keep='{sae.cfg.keep}' but the store uses "
@@ -684,9 +914,6 @@ def evaluate_sae(
         )
 
     out.mkdir(parents=True, exist_ok=True)
-    summary_metrics = {
-        k: v for k, v in metrics.items() if k not in ("firing_frequency", "mean_activation")
-    }
     result: dict[str, Any] = {
         "format": "steerlex-sae-eval",
         "format_version": 1,
@@ -698,29 +925,17 @@ def evaluate_sae(
             "n_tokens": st.n_tokens,
             "keep": identity.get("keep"),
         },
-        "activation": summary_metrics,
+        "activation": {
+            k: v for k, v in metrics.items() if k not in ("firing_frequency", "mean_activation")
+        },
         "spliced": spliced,
-        "spliced_note": spliced_note,
+        "spliced_note": (
+            "no model given: the spliced-in LM loss was not computed" if loaded is None else None
+        ),
         "vectors_file": FREQUENCY_FILE,
         "warnings": warnings,
+        **_plot_fields(plot, sae, st, metrics["firing_histogram"], out),
     }
-    if plot and importlib.util.find_spec("matplotlib") is not None:
-        title = f"SAE d_sae={sae.cfg.d_sae}, layer {st.layer}"
-        _plot(metrics["firing_histogram"], out / PLOT_FILE, title)
-        result["plot"], result["plot_note"] = PLOT_FILE, None
-    else:
-        result["plot"] = None
-        result["plot_note"] = (
-            "plot turned off" if not plot else "matplotlib is not installed; no plot was made"
-        )
-    vectors = {
-        "firing_frequency": metrics["firing_frequency"],
-        "mean_activation": metrics["mean_activation"],
-        "n_tokens": metrics["n_tokens"],
-    }
-    write_bytes_atomic(out / FREQUENCY_FILE, (json.dumps(vectors) + "\n").encode())
+    _write_vectors(out, metrics)
     write_json_atomic(out / EVAL_FILE, result)
-    return {
-        **result,
-        "activation": metrics,
-    }
+    return {**result, "activation": metrics}

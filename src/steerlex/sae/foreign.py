@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import steerlex
 from steerlex.core.errors import SAEError
 from steerlex.sae.base import SAE_ARCHITECTURES, SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import (
@@ -182,8 +183,6 @@ def load_sparsify(
 
 def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(cfg.json dict, tensors) of ``sae`` in sparsify's layout."""
-    import steerlex
-
     sae = sae.for_inference()
     activation = type(sae).sparsify_activation
     if activation is None:

@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+import steerlex
 from steerlex.core.errors import SAEError
 from steerlex.core.io import read_json_object as read_json
 from steerlex.core.io import sha256_file
@@ -362,8 +363,6 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: Path) -> None:
 def saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
     """The ``cfg.json`` dict for a *folded* SAE (``norm_scale`` 1, untied): SAELens v6 keys
     plus ``metadata.steerlex`` with the full :class:`SAEConfig`."""
-    import steerlex
-
     c = sae.cfg
     cls = type(sae)
     if cls.saelens_architecture is None:

@@ -48,6 +48,7 @@ from steerlex.core.config import from_dict_strict, option
 from steerlex.core.errors import SAEError, TrainingDiverged
 from steerlex.core.io import atomic_path, write_json_atomic
 from steerlex.sae.base import SAEConfig, SparseAutoencoder, trainable_architectures
+from steerlex.sae.formats import save_sae
 
 CHECKPOINTS = "checkpoints"
 LOG = "train_log.jsonl"
@@ -269,48 +270,65 @@ def _all_reduce_min(t: torch.Tensor) -> torch.Tensor:
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train_sae(
-    store: ActivationStore,
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    progress: bool = True,
-    on_step: Callable[[int], None] | None = None,
-) -> SparseAutoencoder:
-    """Train (or resume training) an SAE on ``store``; save it in ``out_dir``.
+@dataclass
+class _Training:
+    """One training run in progress: the SAE, its optimizer, counters and this rank's streams.
 
-    ``on_step(step)`` runs after each completed step and checkpoint (tests use it to
-    simulate a kill). Returns the trained SAE in its inference form (``for_inference()``:
-    JumpReLU for BatchTopK), with ``norm_scale`` set; the saved file holds the folded,
-    raw-space form of the same SAE.
+    ``since_fired [d_sae]`` counts the tokens (all ranks) since each latent last fired; ``step``
+    is the number of completed optimizer steps.
     """
-    from steerlex.sae.formats import save_sae
 
-    rank, world = _world()
-    if world > 1 and cfg.streams != world:
-        cfg = TrainConfig(**{**asdict(cfg), "streams": world})
-    cfg.validate(store.d_model)
-    out = Path(out_dir)
-    ckpt_dir = out / CHECKPOINTS
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
+    cfg: TrainConfig
+    store: ActivationStore
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    total_steps: int
+    stats: InitStats
+    sae: SparseAutoencoder
+    opt: torch.optim.Optimizer
+    sched: Any
+    since_fired: torch.Tensor
+    streams: dict[int, Stream]
+    auxk_k: int
+    step: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / CHECKPOINTS
+
+
+def _check_enough_shards(store: ActivationStore, cfg: TrainConfig) -> None:
+    """SAEError when the store has fewer shards than data streams (processes)."""
     n_shards = len(store.shards)
     if n_shards < cfg.streams:
         raise SAEError(
             f"The store has {n_shards} shard(s) but training uses {cfg.streams} streams/processes; "
             "harvest with a smaller --texts-per-shard so every process gets at least one shard."
         )
-    total_steps = max(1, (cfg.tokens or store.n_tokens) // cfg.batch_size)
 
+
+def _load_resume_checkpoint(
+    ckpt_dir: Path, cfg: TrainConfig, store: ActivationStore
+) -> dict[str, Any] | None:
+    """The latest checkpoint in ``ckpt_dir`` (loaded on the CPU), or None when there is none.
+
+    Raises SAEError when it was made with other options or another store.
+    """
     resume = _latest_checkpoint(ckpt_dir)
-    ckpt = None
-    if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        _check_same_run(ckpt, cfg, store, resume)
+    if resume is None:
+        return None
+    ckpt: dict[str, Any] = torch.load(resume, map_location="cpu", weights_only=True)
+    _check_same_run(ckpt, cfg, store, resume)
+    return ckpt
 
-    torch.manual_seed(cfg.seed)
-    stats = init_stats(store, cfg)
+
+def _new_sae(
+    store: ActivationStore, cfg: TrainConfig, stats: InitStats, device: torch.device
+) -> SparseAutoencoder:
+    """A freshly initialised SAE for ``store`` (weights from ``cfg.seed``, ``b_dec`` and
+    ``norm_scale`` from ``stats``), on ``device``."""
     sae_cfg = SAEConfig(
         architecture=cfg.architecture,
         d_in=store.d_model,
@@ -328,110 +346,246 @@ def train_sae(
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
         sae.b_dec.copy_(stats.b_dec.to(device))
+    return sae
+
+
+def _optimizer(
+    sae: SparseAutoencoder, cfg: TrainConfig, total_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam over the SAE's parameters and its warm-up/decay schedule (:func:`lr_factor`)."""
     # fused Adam: one kernel over all parameters (about 20% of a CPU step is the optimizer)
     fused = device.type in ("cpu", "cuda")
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+    return opt, sched
 
+
+def _rank_streams(
+    store: ActivationStore, cfg: TrainConfig, rank: int, world: int
+) -> dict[int, Stream]:
+    """This rank's data streams by stream number: stream ``s`` reads shards ``s, s + streams,
+    ...`` in batches of ``batch_size / streams`` rows; under torchrun each rank has one."""
     my_streams = [rank] if world > 1 else list(range(cfg.streams))
     rows = cfg.batch_size // cfg.streams
-    streams = {
+    n_shards = len(store.shards)
+    return {
         s: Stream(store, list(range(s, n_shards, cfg.streams)), rows, cfg.seed + 7919 * s, cfg)
         for s in my_streams
     }
-    step = 0
-    if ckpt is not None:
-        sae.load_state_dict(ckpt["sae"])
-        opt.load_state_dict(ckpt["optim"])
-        sched.load_state_dict(ckpt["sched"])
-        since_fired.copy_(ckpt["since_fired"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        for s in my_streams:
-            epoch, batch = ckpt["streams"][s]
-            streams[s].seek(epoch, batch)
-        step = int(ckpt["step"])
 
+
+def _start(
+    store: ActivationStore,
+    cfg: TrainConfig,
+    out: Path,
+    ckpt: dict[str, Any] | None,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> _Training:
+    """Seed, initialise the SAE, optimizer and streams, then restore ``ckpt`` when given."""
+    total_steps = max(1, (cfg.tokens or store.n_tokens) // cfg.batch_size)
+    torch.manual_seed(cfg.seed)
+    stats = init_stats(store, cfg)
+    sae = _new_sae(store, cfg, stats, device)
+    opt, sched = _optimizer(sae, cfg, total_steps, device)
+    run = _Training(
+        cfg=cfg,
+        store=store,
+        out=out,
+        device=device,
+        rank=rank,
+        world=world,
+        total_steps=total_steps,
+        stats=stats,
+        sae=sae,
+        opt=opt,
+        sched=sched,
+        since_fired=torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
+        streams=_rank_streams(store, cfg, rank, world),
+        auxk_k=cfg.auxk_k or max(1, store.d_model // 2),
+    )
+    if ckpt is not None:
+        _restore(run, ckpt)
+    return run
+
+
+def _restore(run: _Training, ckpt: dict[str, Any]) -> None:
+    """Load weights, optimizer, schedule, counters, RNG state, stream positions and step."""
+    run.sae.load_state_dict(ckpt["sae"])
+    run.opt.load_state_dict(ckpt["optim"])
+    run.sched.load_state_dict(ckpt["sched"])
+    run.since_fired.copy_(ckpt["since_fired"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    for s, stream in run.streams.items():
+        epoch, batch = ckpt["streams"][s]
+        stream.seek(epoch, batch)
+    run.step = int(ckpt["step"])
+
+
+def _next_batch(run: _Training) -> torch.Tensor:
+    """The next ``[rows of this rank, d_in]`` batch on the training device.
+
+    Raises TrainingDiverged when any rank's batch holds NaN/Inf.
+    """
+    x = torch.cat([run.streams[s].next() for s in run.streams]).to(run.device)
+    n_bad = int((~torch.isfinite(x)).sum())
+    if _all_reduce_sum(torch.tensor([n_bad], device=run.device)).item():
+        raise TrainingDiverged(
+            f"The activation batch of step {run.step} holds NaN/Inf values; the store is damaged "
+            f"or the model overflowed. Check it with ActivationStore.verify(). "
+            f"{_last_good(run.ckpt_dir)}"
+        )
+    return x
+
+
+def _step(run: _Training, x: torch.Tensor) -> dict[str, float]:
+    """One optimizer step and schedule step on ``x``; the step's metrics (:func:`_train_step`).
+
+    Raises TrainingDiverged when the loss is not finite (the schedule is not stepped then).
+    """
+    metrics = _train_step(
+        run.sae,
+        run.opt,
+        x,
+        k_at(run.step, run.cfg),
+        run.cfg,
+        run.stats,
+        run.since_fired,
+        run.auxk_k,
+        run.world,
+        len(run.streams),
+    )
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingDiverged(
+            f"The loss became {metrics['loss']} at step {run.step} (lr {run.sched.get_last_lr()[0]:.2e}); "
+            f"lower --lr or check the data. {_last_good(run.ckpt_dir)}"
+        )
+    run.sched.step()
+    run.step += 1
+    return metrics
+
+
+def _log(run: _Training, metrics: dict[str, float], tokens_per_s: float, bar: tqdm) -> None:
+    """Append the step's record to ``train_log.jsonl`` (rank 0) and show it on the bar."""
+    cfg, step = run.cfg, run.step
+    record = {
+        "step": step,
+        "tokens": step * cfg.batch_size,
+        "k": k_at(step - 1, cfg),
+        "lr": run.sched.get_last_lr()[0],
+        "tokens_per_s": tokens_per_s,
+        "dead_fraction": float((run.since_fired > cfg.dead_tokens).float().mean()),
+        **metrics,
+    }
+    if run.rank == 0:
+        with (run.out / LOG).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    bar.set_postfix(
+        nmse=f"{record['nmse']:.3f}",
+        L0=f"{record['l0']:.1f}",
+        dead=f"{record['dead_fraction']:.1%}",
+        tok_s=f"{record['tokens_per_s']:.0f}",
+    )
+
+
+def _checkpoint(run: _Training) -> None:
+    """Gather the stream positions of all ranks; rank 0 writes ``step_XXXXXXX.pt``."""
+    streams_pos = _gather_positions(run.streams, run.cfg.streams, run.world, run.device)
+    if run.rank == 0:
+        _save_checkpoint(
+            run.ckpt_dir,
+            run.step,
+            run.sae,
+            run.opt,
+            run.sched,
+            run.since_fired,
+            streams_pos,
+            run.cfg,
+            run.store,
+        )
+
+
+def _run_steps(run: _Training, *, progress: bool, on_step: Callable[[int], None] | None) -> None:
+    """Train from ``run.step`` to ``run.total_steps``: log every ``log_every`` steps and
+    checkpoint every ``checkpoint_every`` steps (and both at the last step)."""
+    cfg = run.cfg
     bar = tqdm(
-        total=total_steps,
-        initial=step,
+        total=run.total_steps,
+        initial=run.step,
         desc="train-sae",
         unit="step",
-        disable=not progress or rank != 0,
+        disable=not progress or run.rank != 0,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    auxk_k = cfg.auxk_k or max(1, store.d_model // 2)
     t_last, tokens_last = time.perf_counter(), 0
     try:
-        while step < total_steps:
-            x = torch.cat([streams[s].next() for s in my_streams]).to(device)
-            n_bad = int((~torch.isfinite(x)).sum())
-            if _all_reduce_sum(torch.tensor([n_bad], device=device)).item():
-                raise TrainingDiverged(
-                    f"The activation batch of step {step} holds NaN/Inf values; the store is damaged "
-                    f"or the model overflowed. Check it with ActivationStore.verify(). "
-                    f"{_last_good(ckpt_dir)}"
-                )
-            metrics = _train_step(
-                sae, opt, x, k_at(step, cfg), cfg, stats, since_fired, auxk_k, world, len(streams)
-            )
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingDiverged(
-                    f"The loss became {metrics['loss']} at step {step} (lr {sched.get_last_lr()[0]:.2e}); "
-                    f"lower --lr or check the data. {_last_good(ckpt_dir)}"
-                )
-            sched.step()
-            step += 1
+        while run.step < run.total_steps:
+            metrics = _step(run, _next_batch(run))
             tokens_last += cfg.batch_size
-            if step % cfg.log_every == 0 or step == total_steps:
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
                 now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "tokens": step * cfg.batch_size,
-                    "k": k_at(step - 1, cfg),
-                    "lr": sched.get_last_lr()[0],
-                    "tokens_per_s": tokens_last / max(now - t_last, 1e-9),
-                    "dead_fraction": float((since_fired > cfg.dead_tokens).float().mean()),
-                    **metrics,
-                }
+                _log(run, metrics, tokens_last / max(now - t_last, 1e-9), bar)
                 t_last, tokens_last = now, 0
-                if rank == 0:
-                    with (out / LOG).open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    nmse=f"{record['nmse']:.3f}",
-                    L0=f"{record['l0']:.1f}",
-                    dead=f"{record['dead_fraction']:.1%}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
-                streams_pos = _gather_positions(streams, cfg.streams, world, device)
-                if rank == 0:
-                    _save_checkpoint(
-                        ckpt_dir, step, sae, opt, sched, since_fired, streams_pos, cfg, store
-                    )
+            if run.step % cfg.checkpoint_every == 0 or run.step == run.total_steps:
+                _checkpoint(run)
             if on_step is not None:
-                on_step(step)
+                on_step(run.step)
     finally:
         bar.close()
+
+
+def _save_trained(run: _Training) -> None:
+    """Write the SAE (SAELens layout) and ``training.json`` into ``run.out``."""
+    cfg = run.cfg
+    save_sae(run.sae, run.out, overwrite=True)
+    write_json_atomic(
+        run.out / "training.json",
+        {
+            "train_config": asdict(cfg),
+            "store": str(run.store.directory),
+            "store_identity": run.store.index.get("identity"),
+            "steps": run.total_steps,
+            "tokens": run.total_steps * cfg.batch_size,
+            "norm_scale": run.stats.norm_scale,
+            "data_var": run.stats.data_var,
+            "steerlex_version": steerlex.__version__,
+        },
+    )
+
+
+def train_sae(
+    store: ActivationStore,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> SparseAutoencoder:
+    """Train (or resume training) an SAE on ``store``; save it in ``out_dir``.
+
+    ``on_step(step)`` runs after each completed step and checkpoint (tests use it to
+    simulate a kill). Returns the trained SAE in its inference form (``for_inference()``:
+    JumpReLU for BatchTopK), with ``norm_scale`` set; the saved file holds the folded,
+    raw-space form of the same SAE.
+    """
+    rank, world = _world()
+    if world > 1 and cfg.streams != world:
+        cfg = TrainConfig(**{**asdict(cfg), "streams": world})
+    cfg.validate(store.d_model)
+    out = Path(out_dir)
     if rank == 0:
-        save_sae(sae, out, overwrite=True)
-        write_json_atomic(
-            out / "training.json",
-            {
-                "train_config": asdict(cfg),
-                "store": str(store.directory),
-                "store_identity": store.index.get("identity"),
-                "steps": total_steps,
-                "tokens": total_steps * cfg.batch_size,
-                "norm_scale": stats.norm_scale,
-                "data_var": stats.data_var,
-                "steerlex_version": steerlex.__version__,
-            },
-        )
-    return sae.for_inference()
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    _check_enough_shards(store, cfg)
+    ckpt = _load_resume_checkpoint(out / CHECKPOINTS, cfg, store)
+    run = _start(store, cfg, out, ckpt, device, rank, world)
+    _run_steps(run, progress=progress, on_step=on_step)
+    if rank == 0:
+        _save_trained(run)
+    return run.sae.for_inference()
 
 
 def _train_step(

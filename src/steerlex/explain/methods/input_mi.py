@@ -28,10 +28,7 @@ class InputMI(ExplanationMethod):
         features: Sequence[int],
         options: MethodOptions,
     ) -> list[Explanation]:
-        if options.vocab is None:
-            raise ExplainError(
-                f"The '{self.name}' method needs a vocabulary (see steerlex.explain.vocabulary)."
-            )
+        assert options.vocab is not None  # explain_sae checks needs_vocabulary
         if sae.cfg.layer is None:
             raise ExplainError(
                 "The 'mi-input' method needs the SAE's layer; this SAE does not record one."

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-from steerlex.core.errors import ExplainError
 from steerlex.explain.method import Explanation, ExplanationMethod, MethodOptions, register_method
 from steerlex.explain.mi import Score, Side, Transform, feature_vectors, mi_scores
 from steerlex.explain.vocabulary import word_vectors
@@ -26,10 +25,7 @@ class _OutputMI(ExplanationMethod):
         features: Sequence[int],
         options: MethodOptions,
     ) -> list[Explanation]:
-        if options.vocab is None:
-            raise ExplainError(
-                f"The '{self.name}' method needs a vocabulary (see steerlex.explain.vocabulary)."
-            )
+        assert options.vocab is not None  # explain_sae checks needs_vocabulary
         wv = word_vectors(options.vocab, loaded)
         fv = feature_vectors(
             sae,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from steerlex.core.errors import ExplainError
 from steerlex.explain.method import Explanation, ExplanationMethod, MethodOptions, register_method
 from steerlex.explain.topact import top_activations, topact_words
 from steerlex.models.loading import LoadedModel
@@ -27,11 +26,7 @@ class TopAct(ExplanationMethod):
         features: Sequence[int],
         options: MethodOptions,
     ) -> list[Explanation]:
-        if options.store is None:
-            raise ExplainError(
-                "The 'topact' method needs an activation store of the SAE's model and layer "
-                "(--activations)."
-            )
+        assert options.store is not None  # explain_sae checks needs_store
         tok = loaded.tokenizer
         spans = top_activations(
             sae, options.store, features=features, tokenizer=tok, progress=options.progress
