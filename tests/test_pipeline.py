@@ -199,6 +199,23 @@ def test_a_failed_stage_names_itself_and_the_resume_command(
     assert "stage c was stopped" in capsys.readouterr().err
 
 
+def test_resumed_config_reads_the_run_and_takes_the_directory_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prun, "STAGES", _stages([], {}))
+    cfg = _quick("orig", train_sae={"d_sae": 512})
+    d = prun.run_pipeline(cfg, tmp_path, log=None)
+    moved = d.rename(tmp_path / "moved")
+    back = prun.resumed_config(moved)
+    assert back.name == "moved" and back.train_sae.d_sae == 512
+    assert config_dict(back) == {**config_dict(cfg), "name": "moved"}
+    (moved / "config.json").write_text(json.dumps({"config": [1]}))
+    with pytest.raises(PipelineError, match="holds no 'config' object"):
+        prun.resumed_config(moved)
+    with pytest.raises(PipelineError, match=r"absent.config\.json does not exist"):
+        prun.resumed_config(tmp_path / "absent")
+
+
 def test_missing_input_names_the_stage_to_run_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,7 @@ import typing
 from typing import Any
 
 from steerlex.cli import build_parser
-from steerlex.core.config import option_info
+from steerlex.core.config import config_to_dict, option_info
 from steerlex.pipeline.config import RunConfig
 from steerlex.pipeline.profiles import PROFILES
 
@@ -70,7 +70,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _rows(cls: type, prefix: str, skip: tuple[str, ...]) -> list[str]:
+def _rows(cls: type, prefix: str, skip: tuple[str, ...], instance: Any) -> list[str]:
+    """The table of ``cls``'s keys; defaults are ``instance``'s (a section's own default
+    may differ from its class's, e.g. every explanation method in a run)."""
     rows, nested = [], []
     for info in option_info(cls):
         if info.name in skip:
@@ -78,17 +80,20 @@ def _rows(cls: type, prefix: str, skip: tuple[str, ...]) -> list[str]:
         if info.nested:
             nested.append(info)
             continue
-        default = json.dumps(info.default, default=str)
+        default = json.dumps(config_to_dict(getattr(instance, info.name)), default=str)
+        kind = _type_name(info.type)
+        if info.choices is not None:
+            choices = info.choices() if callable(info.choices) else info.choices
+            kind += " (" + " / ".join(json.dumps(c) for c in choices) + ")"
         rows.append(
-            f"| `{prefix}{info.name}` | {_cell(_type_name(info.type))} | `{_cell(default)}` | "
-            f"{_cell(info.help)} |"
+            f"| `{prefix}{info.name}` | {_cell(kind)} | `{_cell(default)}` | {_cell(info.help)} |"
         )
     out = ["| key | type | default | what |", "|---|---|---|---|", *rows] if rows else []
     for info in nested:
         out += ["", f"### `{prefix}{info.name}`: {info.help}", ""]
         if info.owned:
             out += [f"Set by the run itself: {', '.join(f'`{o}`' for o in info.owned)}.", ""]
-        out += _rows(info.type, f"{prefix}{info.name}.", info.owned)
+        out += _rows(info.type, f"{prefix}{info.name}.", info.owned, getattr(instance, info.name))
     return out
 
 
@@ -108,7 +113,7 @@ def config_reference() -> str:
         "",
         "## Keys",
         "",
-        *_rows(RunConfig, "", ()),
+        *_rows(RunConfig, "", (), RunConfig()),
         "",
         "## Profiles",
         "",

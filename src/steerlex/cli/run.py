@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from steerlex.core.errors import PipelineError
-from steerlex.core.io import read_json_object
 from steerlex.pipeline.config import (
     PROFILES,
     RunConfig,
     config_dict,
-    config_from_dict,
     resolve_config,
 )
-from steerlex.pipeline.run import run_pipeline
+from steerlex.pipeline.run import resumed_config, run_pipeline
 from steerlex.pipeline.stages import stage_names
 
 __all__ = ["parse_set", "register"]
@@ -60,17 +58,7 @@ def _config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
                 "--profile, --name, --device or --set (only --stage)."
             )
         run_dir = Path(args.resume)
-        saved = read_json_object(
-            run_dir / "config.json", what="run config", error=PipelineError,
-            fix=f"{run_dir} is not a run directory of this steerlex; start a new run",
-        )  # fmt: skip
-        data = saved.get("config")
-        if not isinstance(data, dict):
-            raise PipelineError(f"{run_dir / 'config.json'} holds no 'config' object.")
-        cfg = config_from_dict(data)
-        if cfg.name != run_dir.name:
-            cfg = config_from_dict({**data, "name": run_dir.name})
-        return cfg, run_dir.parent
+        return resumed_config(run_dir), run_dir.parent
     return resolve_config(args.profile or "default", args.config, over), Path(args.runs_dir)
 
 

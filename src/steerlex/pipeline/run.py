@@ -24,10 +24,10 @@ from typing import Any, TextIO
 from steerlex.core.errors import PipelineError, RunInterrupted, StageError, SteerlexError
 from steerlex.core.io import read_json_object, write_json_atomic
 from steerlex.jobs.context import RunContext
-from steerlex.pipeline.config import RunConfig, config_dict, config_fingerprint
+from steerlex.pipeline.config import RunConfig, config_dict, config_fingerprint, config_from_dict
 from steerlex.pipeline.stages import STAGES, Stage, StageConfigs, stage_configs
 
-__all__ = ["claim_run_dir", "resume_command", "run_pipeline"]
+__all__ = ["claim_run_dir", "resume_command", "resumed_config", "run_pipeline"]
 
 
 def _now() -> str:
@@ -46,6 +46,19 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in ``run_dir``."""
     return f"steerlex run --resume {run_dir}"
+
+
+def resumed_config(run_dir: Path) -> RunConfig:
+    """The config the run in ``run_dir`` was started with (its ``config.json``), named after
+    the directory."""
+    saved = read_json_object(
+        run_dir / "config.json", what="run config", error=PipelineError,
+        fix=f"{run_dir} is not a run directory of this steerlex; start a new run",
+    )  # fmt: skip
+    data = saved.get("config")
+    if not isinstance(data, dict):
+        raise PipelineError(f"{run_dir / 'config.json'} holds no 'config' object.")
+    return config_from_dict({**data, "name": run_dir.name})
 
 
 def claim_run_dir(cfg: RunConfig, runs_dir: Path) -> Path:
