@@ -160,7 +160,7 @@ def _scores() -> dict[str, Any]:
     return {
         "model": {"spec": "tiny:llama", "weights_id": "sha256:tiny-llama-seed0"},
         "layer": LAYER,
-        "judges": {"rules": "steerlex-rules-v1", "llm": None},
+        "judges": {"rules": "steerlex-rules-v1", "judge": None},
         "sets": {"counts": {"test": {"jailbreak": 4, "benign": 4, "harmful": 2}}},
         "counting": {"attack_success": "jailbreak replies judged 'compliance'"},
         "tuning": {

@@ -164,15 +164,15 @@ def test_cache_of_another_model_is_ignored_with_a_warning(
 def test_failing_judge_endpoint_leaves_items_unjudged_and_counted(
     tiny_loaded: LoadedModel, sources: dict[str, str], tmp_path: Path
 ) -> None:
-    judge = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "judge",
+    judge = {"name": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "judge",
              "retries": 0, "attempts": 2, "timeout": 2.0}  # fmt: skip
     data = cfg_dict(sources, tmp_path / "out", defences=[{"kind": "none"}], judge=judge)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = run_eval(config_from_dict(data), loaded=tiny_loaded, progress=False, log=None)
-    llm = res.scores["conditions"][0]["metrics"]["jailbreak"]["llm"]
-    assert llm["unjudged"] == llm["n"] == 3 and llm["harmful"] == 0
-    assert llm["attack_success"]["n"] == 0 and llm["attack_success"]["rate"] is None
+    jd = res.scores["conditions"][0]["metrics"]["jailbreak"]["judge"]
+    assert jd["unjudged"] == jd["n"] == 3 and jd["harmful"] == 0
+    assert jd["attack_success"]["n"] == 0 and jd["attack_success"]["rate"] is None
     assert "(3)" in (res.out / "results.md").read_text()
 
 
@@ -189,7 +189,7 @@ def test_failing_judge_endpoint_leaves_items_unjudged_and_counted(
         ({"defences": [{"kind": "dense"}]}, "give 'strengths'"),
         ({"defences": [{"kind": "none"}, {"kind": "none"}]}, "used twice"),
         ({"defences": []}, "'defences' is empty"),
-        ({"judge": {"kind": "openai"}, "defences": [{"kind": "none"}]}, "base_url"),
+        ({"judge": {"name": "openai"}, "defences": [{"kind": "none"}]}, "base_url"),
         ({"colour": "red"}, "colour"),
     ],
 )

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from steerlex import __version__
-from steerlex.cli import evaluate, explain, harvest, info, run, sae, select, steer
+from steerlex.cli import evaluate, explain, harvest, info, judge, run, sae, select, steer
 from steerlex.core.errors import SteerlexError
 
 __all__ = ["build_parser", "main"]
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.register(sub)
     steer.register(sub)
     evaluate.register(sub)
+    judge.register(sub)
     run.register(sub)
     sae.register_utilities(sub)
     return parser

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from steerlex.cli.judge import add_judge_options, judge_overrides
 from steerlex.cli.options import add_options, add_quiet, context_from_args, given_options
 from steerlex.core.config import config_to_dict, merge
 from steerlex.core.errors import EvalError
@@ -45,8 +46,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["generation"] = gen
     if args.defences:
         out["defences"] = _defences(args.defences)
-    if args.judge_url or args.judge_model:
-        out["judge"] = {"kind": "openai", "base_url": args.judge_url, "model": args.judge_model}
+    judge = judge_overrides(args)
+    if judge:
+        out["judge"] = judge
     return out
 
 
@@ -89,8 +91,7 @@ def register(sub: Any) -> None:
         help="comma-separated defence kinds to run "
         f"({', '.join(d.label for d in default_defences(True))}) with the default sweeps",
     )  # fmt: skip
-    p.add_argument("--judge-url", help="LLM judge: OpenAI-compatible API root")
-    p.add_argument("--judge-model", help="LLM judge: served model name")
+    add_judge_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate only")
     add_quiet(p)
     p.set_defaults(func=cmd_eval)

@@ -109,8 +109,13 @@ def add_options(
 
 
 def given_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The options of ``cls`` given on the command line (flags added with ``overrides``)."""
-    return {i.name: getattr(args, i.name) for i in option_info(cls) if hasattr(args, i.name)}
+    """The options of ``cls`` given on the command line (flags added with ``overrides``;
+    sections are never flags)."""
+    return {
+        i.name: getattr(args, i.name)
+        for i in option_info(cls)
+        if not i.nested and hasattr(args, i.name)
+    }
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **fixed: Any) -> T:

@@ -18,6 +18,7 @@ from steerlex.core.config import (
 from steerlex.core.errors import EvalError, SteerlexError
 from steerlex.evaluate.defences.base import DEFENCES, option_names
 from steerlex.evaluate.sets import SourceSpec
+from steerlex.judges.base import JudgeConfig
 
 __all__ = [
     "COMMON_KEYS",
@@ -184,22 +185,6 @@ class DefenceConfig:
 
 
 @dataclass
-class JudgeConfig:
-    """An LLM judge. ``kind``: ``openai`` (any OpenAI-compatible endpoint: ``base_url`` and
-    ``model``), ``transformers`` (a local chat model spec in ``model``, asked with the harm
-    rubric) or ``guard`` (a local guard model such as Llama Guard in ``model``)."""
-
-    kind: str = option(help="openai, transformers or guard")
-    model: str | None = option(None, help="served model name (openai) or model spec")
-    base_url: str | None = option(None, help="openai: the API root")
-    api_key_env: str | None = option(None, help="openai: the environment variable of the key")
-    attempts: int = option(3, help="tries per reply before it counts as unjudged")
-    retries: int = option(2, help="openai: retries of a failed request")
-    timeout: float = option(60.0, help="openai: seconds per request")
-    max_tokens: int = option(64, help="tokens of the judge's answer")
-
-
-@dataclass
 class EvalConfig:
     """Everything an evaluation run needs; see docs/evaluation.md for each key."""
 
@@ -244,7 +229,9 @@ class EvalConfig:
         help="the defences (default: none, self-reminder, dense; with an SAE also amplify, "
         "calibrate, calibrate-conditional)",
     )
-    judge: JudgeConfig | None = option(None, cli=False, help="an LLM judge (default: none)")
+    judge: JudgeConfig = section(
+        JudgeConfig, help="the harm judge (the rules judge runs beside it)"
+    )
 
 
 def default_defences(with_sae: bool) -> list[DefenceConfig]:

@@ -10,8 +10,8 @@ from typing import Any
 from steerlex.evaluate.cache import EvalCache, cache_key
 from steerlex.evaluate.config import GenerationConfig
 from steerlex.evaluate.defences.base import Condition
-from steerlex.evaluate.judges import RuleJudge
 from steerlex.evaluate.sets import EvalPrompt
+from steerlex.judges.rules import RuleJudge
 from steerlex.models.chat import encode_prompt, has_chat_template
 from steerlex.steer.runtime import SteeredModel
 

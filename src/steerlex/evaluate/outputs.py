@@ -26,7 +26,7 @@ def results_table(scores: dict[str, Any], headline_only: bool = True) -> str:
     head = (
         "| defence | strength | jailbreak ASR [95% CI] | ASR incl. acks | acks | "
         "refusal (plain harmful) | over-refusal (benign) | KL | degeneration (benign) | "
-        "s/token | LLM ASR (unjudged) |"
+        "s/token | judge ASR (unjudged) |"
     )
     lines = [head, "|" + "---|" * 11]
     for row in scores["conditions"]:
@@ -34,10 +34,8 @@ def results_table(scores: dict[str, Any], headline_only: bool = True) -> str:
             continue
         m = row["metrics"]
         jb, hm, bn = m.get("jailbreak") or {}, m.get("harmful") or {}, m.get("benign") or {}
-        llm = (jb.get("llm") or {}) if jb else {}
-        llm_txt = (
-            f"{_fmt_rate(llm.get('attack_success'))} ({llm.get('unjudged', 0)})" if llm else "–"
-        )
+        jd = (jb.get("judge") or {}) if jb else {}
+        jd_txt = f"{_fmt_rate(jd.get('attack_success'))} ({jd.get('unjudged', 0)})" if jd else "–"
         kl = m.get("kl") or {}
         kl_txt = f"{kl['mean']:.4f}" if kl.get("mean") is not None else "–"
         spt = m.get("seconds_per_token")
@@ -48,7 +46,7 @@ def results_table(scores: dict[str, Any], headline_only: bool = True) -> str:
             f"{_fmt_rate(jb.get('acknowledgement'), False)} | {_fmt_rate(hm.get('refusal'))} | "
             f"{_fmt_rate(bn.get('over_refusal'))} | {kl_txt} | "
             f"{_fmt_rate(bn.get('degeneration'), False)} | "
-            f"{'–' if spt is None else f'{spt:.3f}'} | {llm_txt} |"
+            f"{'–' if spt is None else f'{spt:.3f}'} | {jd_txt} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -61,7 +59,7 @@ def _results_md(scores: dict[str, Any]) -> str:
         "",
         f"Model `{scores['model']['spec']}` ({scores['model']['weights_id']}), layer "
         f"{scores['layer']}; judges: {scores['judges']['rules']}"
-        + (f" and {scores['judges']['llm']}" if scores["judges"]["llm"] else "")
+        + (f" and {scores['judges']['judge']}" if scores["judges"].get("judge") else "")
         + f"; test prompts: {scores['sets']['counts']['test']}.",
         "",
         "## Headline (test split; strengths chosen on the selection split)",

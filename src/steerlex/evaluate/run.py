@@ -36,7 +36,6 @@ from steerlex.evaluate.config import DefenceConfig, EvalConfig, config_to_dict
 from steerlex.evaluate.defences.base import DEFENCES
 from steerlex.evaluate.defences.none import NO_DEFENCE
 from steerlex.evaluate.generation import GenerationRunner
-from steerlex.evaluate.judges import RuleJudge, SafetyJudge, judge_from_config
 from steerlex.evaluate.kl import cached_kl
 from steerlex.evaluate.metrics import mean_or_none
 from steerlex.evaluate.outputs import results_table, write_outputs
@@ -52,6 +51,8 @@ from steerlex.evaluate.plan import (
 from steerlex.evaluate.scores import COUNTING, condition_metrics
 from steerlex.evaluate.sets import EvalSets, build_sets
 from steerlex.evaluate.setup import EvalSetup, say
+from steerlex.judges import JudgeEnv, JudgeItem, SafetyJudge, make_judge
+from steerlex.judges.rules import RuleJudge
 from steerlex.models.embedded import DEFAULT_MODEL
 from steerlex.models.hooks import check_layer, num_layers
 from steerlex.models.loading import LoadedModel, load_model
@@ -74,15 +75,28 @@ class EvalResult:
 @dataclass
 class EvalInputs:
     """What an evaluation runs on: the model, the SAE (``None`` without one), the layer, the
-    model steered there (no strategy yet), the checked defences and the LLM judge (``None``:
-    the rules judge only)."""
+    model steered there (no strategy yet), the checked defences and the harm judge
+    (``cfg.judge``; the rules judge always runs beside it)."""
 
     loaded: LoadedModel
     sae: SparseAutoencoder | None
     layer: int
     steered: SteeredModel
     defences: list[DefenceConfig]
-    llm: SafetyJudge | None
+    judge: SafetyJudge
+
+
+def _judge_env(cfg: EvalConfig, loaded: LoadedModel) -> JudgeEnv:
+    """The judge's build environment: verdicts cached beside the generation cache, and the
+    evaluated model reused when the judge runs on the same spec."""
+    cache_dir = (Path(cfg.cache).parent if cfg.cache else Path(cfg.out) / "cache") / "judge"
+
+    def model_for(spec: str) -> LoadedModel:
+        if spec == loaded.spec:
+            return loaded
+        return load_model(spec, device=cfg.device, dtype=cfg.dtype)
+
+    return JudgeEnv(cfg.judge, cfg.device, cfg.dtype, cache_dir, model_for)
 
 
 def load_inputs(
@@ -98,14 +112,12 @@ def load_inputs(
     if sae is None and cfg.sae:
         sae = load_sae(cfg.sae, device=cfg.device)
     defences = plan_defences(cfg, with_sae=sae is not None)
-    cache_dir = (Path(cfg.cache).parent if cfg.cache else Path(cfg.out) / "cache") / "judge"
-    llm = judge
-    if llm is None:
-        llm = judge_from_config(cfg.judge, cache_dir, device=cfg.device, dtype=cfg.dtype)
     if loaded is None:
         spec = cfg.model or (sae.cfg.model_spec if sae is not None else None) or DEFAULT_MODEL
         say(log, f"loading {spec} ...")
         loaded = load_model(spec, device=cfg.device, dtype=cfg.dtype)
+    if judge is None:
+        judge = make_judge(_judge_env(cfg, loaded))
     layer = cfg.layer
     if layer is None and sae is not None:
         layer = sae.cfg.layer
@@ -114,7 +126,7 @@ def load_inputs(
         say(log, f"layer: {layer} (no SAE and no 'layer' given: a third of the depth)")
     layer = check_layer(loaded.model, layer)
     steered = SteeredModel(loaded, sae, None, layer=layer, enabled=False)  # checks the SAE fits
-    return EvalInputs(loaded, sae, layer, steered, defences, llm)
+    return EvalInputs(loaded, sae, layer, steered, defences, judge)
 
 
 def _build_sets(cfg: EvalConfig, tokenizer: Any) -> EvalSets:
@@ -205,17 +217,16 @@ class _EvalRun:
                 records += by_cond[c.label]
         for c, selection in plan.tuning_jobs:
             records += runner.records(c, selection)
-        llm = self.inputs.llm
-        if llm is not None:
-            todo = [
-                r
-                for r in records
-                if r["part"] == "test" and r["prompt_kind"] in ("jailbreak", "harmful")
-            ]
-            say(self.log, f"LLM judge {llm.name} on {len(todo)} replies")
-            pairs = [(r["behaviour"], r["reply"]) for r in todo]
-            for r, v in zip(todo, llm.judge_many(pairs, progress=self.progress), strict=True):
-                r["judges"]["llm"] = v.to_json()
+        judge = self.inputs.judge
+        todo = [
+            r
+            for r in records
+            if r["part"] == "test" and r["prompt_kind"] in ("jailbreak", "harmful")
+        ]
+        say(self.log, f"judge {judge.name} on {len(todo)} replies")
+        items = [JudgeItem(r["behaviour"], r["reply"], prompt=r["prompt"]) for r in todo]
+        for r, v in zip(todo, judge.judge_many(items, progress=self.progress), strict=True):
+            r["judges"]["judge"] = v.to_json()
         return records, by_cond
 
     def kl(self, headlines: Headlines) -> dict[str, list[float | None]]:
@@ -275,13 +286,13 @@ class _EvalRun:
         cached_at_start: int,
     ) -> dict[str, Any]:
         """The whole ``scores.json``."""
-        loaded, llm, layer = self.inputs.loaded, self.inputs.llm, self.inputs.layer
+        loaded, judge, layer = self.inputs.loaded, self.inputs.judge, self.inputs.layer
         sae_block = {"path": self.cfg.sae, "fingerprint": self.setup.sae_id, "layer": layer}
         return {
             "model": {"spec": loaded.spec, "weights_id": loaded.weights_id},
             "sae": sae_block if self.inputs.sae is not None else None,
             "layer": layer,
-            "judges": {"rules": self.rules.name, "llm": llm.name if llm is not None else None},
+            "judges": {"rules": self.rules.name, "judge": judge.name},
             "counting": COUNTING,
             "sets": {
                 "counts": self.sets.counts(),

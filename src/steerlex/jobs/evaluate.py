@@ -7,9 +7,9 @@ from dataclasses import replace
 
 from steerlex.evaluate.config import DefenceConfig, EvalConfig, default_defences
 from steerlex.evaluate.defences import DEFENCES
-from steerlex.evaluate.judges import SafetyJudge
 from steerlex.evaluate.run import EvalResult, run_eval
 from steerlex.jobs.context import RunContext
+from steerlex.judges import SafetyJudge
 from steerlex.models.embedded import DEFAULT_MODEL
 
 __all__ = ["eval_job", "plan_run_defences"]

