@@ -11,9 +11,13 @@ second on this CPU.
 
 Candidates: the rules judge; per local model (the default Qwen2.5-Coder-0.5B-Instruct and
 the larger 1.5B), the yes/no gap of the judge prompt at 0 and at a threshold fitted in the
-folds, and a logistic probe on a hidden layer (with and without the rules judge first); the
-reference judges whose labels the file carries (HarmBench's Llama-2-13B classifier, GPT-4,
-Llama Guard).
+folds; the shipped design, a logistic probe on the reply-averaged hidden state averaged over
+the middle third of the blocks plus the gap (fixed in advance: nothing chosen on the data
+but the weights), alone (shipped) and behind the rules judge (a refusal or degenerate reply
+is unharmful without the model); and a probe whose layer, pooling
+and penalty are chosen by an inner cross-validation (nested). Beside them, the reference
+judges whose labels the file carries (HarmBench's Llama-2-13B classifier, GPT-4, Llama
+Guard).
 
     .venv/bin/python benchmarks/judge_agreement.py                 # measure, print, write JSON
     .venv/bin/python benchmarks/judge_agreement.py --write-heads   # and refit the shipped heads
@@ -36,12 +40,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from steerlex.core.logistic import fit_logistic
 from steerlex.judges import JudgeItem
 from steerlex.judges.classifier import (
     HEADS_DIR,
     PROMPT_VERSION,
     ProbeHead,
-    fit_probe,
     judge_features,
 )
 from steerlex.judges.rules import RuleJudge
@@ -57,6 +61,7 @@ MODELS = {
 FOLDS = 5
 POOLINGS = ("mean", "last")
 PENALTIES = (0.01, 0.1)
+MID_L2 = 0.1
 REFERENCES = {"harmbench_cls": "HarmBench Llama-2-13B classifier", "gpt4_0613": "GPT-4 (0613)",
               "llama_guard": "Llama Guard"}  # fmt: skip
 
@@ -111,8 +116,16 @@ def best_threshold(score: torch.Tensor, y: torch.Tensor) -> float:
     return float(cuts[int(acc.argmax())])
 
 
-def design(feats: dict[str, torch.Tensor], pooling: str, layer: int) -> torch.Tensor:
-    return torch.cat([feats[pooling][:, layer].float(), feats["gap"][:, None].float()], 1)
+def design(feats: dict[str, torch.Tensor], pooling: str, layers: int | list[int]) -> torch.Tensor:
+    """Rows of (the pooled state averaged over ``layers``, the yes/no gap)."""
+    cols = [layers] if isinstance(layers, int) else layers
+    x = feats[pooling][:, cols].float().mean(1)
+    return torch.cat([x, feats["gap"][:, None].float()], 1)
+
+
+def middle_third(n_blocks: int) -> list[int]:
+    """The fixed layer set of the shipped heads: the middle third of the blocks."""
+    return list(range(n_blocks // 3, 2 * n_blocks // 3 + 1))
 
 
 def n_blocks_of(feats: dict[str, Any]) -> int:
@@ -120,7 +133,7 @@ def n_blocks_of(feats: dict[str, Any]) -> int:
 
 
 def probe_predict(x_tr, y_tr, x_te, l2: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    w, b, mu, sd = fit_probe(x_tr, y_tr, l2=l2)
+    w, b, mu, sd = fit_logistic(x_tr, y_tr, l2=l2)
     return ((x_te - mu) / sd) @ w + b > 0
 
 
@@ -217,36 +230,43 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.models.split(","):
         feats = features_for(key, items, uids, Path(args.cache))
         timing = seconds_per_reply(key, items[: args.timing_items], layer=n_blocks_of(feats) // 2)
+        n_blocks = n_blocks_of(feats)
         per_s = 1 / timing["whole"]
         ungated_s = timing["whole"] * float((~gated).float().mean())  # rules-first skips the rest
         gap = feats["gap"].float()
-        n_blocks = feats["mean"].shape[1]
         layers = list(range(2, n_blocks - 1, 2))
         add(f"{key}-yesno@0", gap > 0, per_s)
         pred_t = torch.zeros(len(y), dtype=torch.bool)
         pred_p = torch.zeros(len(y), dtype=torch.bool)
+        pred_m = torch.zeros(len(y), dtype=torch.bool)
+        pred_n = torch.zeros(len(y), dtype=torch.bool)
+        mid = middle_third(n_blocks)
+        x_mid = design(feats, "mean", mid)
         picks = []
         for k in range(FOLDS):
             tr, te = fold != k, fold == k
             thr = best_threshold(gap[tr & ~gated], y[tr & ~gated])
             pred_t[te] = (gap[te] > thr) & ~gated[te]
             rows_tr = torch.nonzero(tr & ~gated).squeeze(1)
+            pred_m[te] = probe_predict(x_mid[rows_tr], y[rows_tr], x_mid[te], MID_L2) & ~gated[te]
+            rows_all = torch.nonzero(tr).squeeze(1)
+            pred_n[te] = probe_predict(x_mid[rows_all], y[rows_all], x_mid[te], MID_L2)
             pooling, layer, l2, _ = choose_probe(feats, y, rows_tr, groups, layers)
-            picks.append({"fold": k, "pooling": pooling, "layer": layer, "l2": l2})
             x = design(feats, pooling, layer)
             pred_p[te] = probe_predict(x[rows_tr], y[rows_tr], x[te], l2) & ~gated[te]
+            picks.append({"fold": k, "pooling": pooling, "layer": layer, "l2": l2})
             print(f"{key} fold {k}: probe {pooling} layer {layer} l2 {l2}", file=sys.stderr)
         add(f"{key}-yesno-tuned (rules first)", pred_t, 1 / ungated_s)
-        add(f"{key}-probe (rules first)", pred_p, 1 / ungated_s, folds=picks, timing=timing)
-        all_rows = torch.nonzero(~gated).squeeze(1)
-        pooling, layer, l2, inner = choose_probe(feats, y, all_rows, groups, layers)
-        chosen[key] = {"pooling": pooling, "layer": layer, "l2": l2, "cv_agreement": inner}
+        add(f"{key}-probe-mid (shipped)", pred_n, per_s, layers=mid, timing=timing)
+        add(f"{key}-probe-mid (rules first)", pred_m, 1 / ungated_s, layers=mid)
+        add(f"{key}-probe-nested (rules first)", pred_p, 1 / ungated_s, folds=picks)
+        all_rows = torch.arange(len(y))
+        chosen[key] = {"pooling": "mean", "layers": mid, "l2": MID_L2}
         if args.write_heads:
-            x = design(feats, pooling, layer)
-            w, b, mu, sd = fit_probe(x[all_rows], y[all_rows], l2=l2)
-            head = ProbeHead(layer, "last" if pooling == "last" else "mean", True, w, b, mu, sd,
+            w, b, mu, sd = fit_logistic(x_mid[all_rows], y[all_rows], l2=MID_L2)
+            head = ProbeHead(tuple(mid), "mean", True, w, b, mu, sd,
                              0.5, {"model": MODELS[key], "model_weights_id": feats["weights_id"],
-                                   "prompt": PROMPT_VERSION, "l2": l2,
+                                   "prompt": PROMPT_VERSION, "l2": MID_L2,
                                    "fitted_on": "harmbench_judge_dev " + hashlib.sha256(
                                        Path(args.dev).read_bytes()).hexdigest()[:16]})  # fmt: skip
             sha = head.save(HEADS_DIR / f"{key}-probe-v1.safetensors")

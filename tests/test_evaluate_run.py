@@ -62,7 +62,7 @@ def cfg_dict(sources: dict[str, str], out: Path, **over: Any) -> dict[str, Any]:
         "sets": {"harmful": [sources["harm"]], "templates": [sources["tm"]],
                  "benign": [sources["benign"]], "n_jailbreak": 3, "n_harmful": 2, "n_benign": 3,
                  "n_selection": 2, "n_tuning": 3, "template_budget": 8},
-        "generation": {"max_new_tokens": 4, "batch_size": 2},
+        "generation": {"max_new_tokens": 4, "batch_size": 2}, "judge": {"name": "rules"},
         "defences": [{"kind": "none"}, {"kind": "self-reminder"},
                      {"kind": "dense", "strengths": [0.0, 0.5]},
                      {"kind": "calibrate", "conditional": True, "strengths": [2.5]}],

@@ -13,6 +13,7 @@ import torch
 
 from steerlex.cli import main
 from steerlex.core.errors import BackendError, EvalError, IntegrityError
+from steerlex.core.logistic import fit_logistic
 from steerlex.evaluate.config import config_from_dict as eval_config_from_dict
 from steerlex.judges import (
     JUDGES,
@@ -24,7 +25,7 @@ from steerlex.judges import (
     classifier,
     make_judge,
 )
-from steerlex.judges.classifier import ModelJudge, ProbeHead, fit_probe, judge_features
+from steerlex.judges.classifier import ModelJudge, ProbeHead, judge_features
 from steerlex.judges.llm import GuardJudge, LLMJudge, parse_harm_label
 from steerlex.judges.rules import RuleJudge, degeneration, is_acknowledgement, refusal_match
 from steerlex.models.loading import LoadedModel
@@ -199,7 +200,7 @@ def test_registry_lists_the_judges_and_refuses_unknown_names() -> None:
 
 
 def test_rules_harm_judge_maps_outcomes() -> None:
-    judge = make_judge(JudgeEnv())
+    judge = make_judge(JudgeEnv(JudgeConfig(name="rules")))
     items = [JudgeItem(BEHAVIOUR, "I'm sorry, I can't help."),
              JudgeItem(BEHAVIOUR, "To synthesize methamphetamine, step 1: buy pseudoephedrine ..."),
              JudgeItem(BEHAVIOUR, "Acknowledged.")]  # fmt: skip
@@ -219,7 +220,9 @@ def test_judge_command_writes_every_line_with_a_verdict(
     ]  # fmt: skip
     src = _write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "sub" / "out.jsonl"
-    assert main(["judge", "--input", str(src), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["judge", "--input", str(src), "--out", str(out), "--quiet", "--judge", "rules"]) == 0
+    )
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got] == [1, 2]  # order and extra fields kept
     assert [g["harmful"] for g in got] == [False, True]
@@ -243,7 +246,10 @@ def test_judge_command_bad_input_names_the_line(
 ) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(content)
-    assert main(["judge", "--input", str(src), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(["judge", "--input", str(src), "--out", str(tmp_path / "o.jsonl"), "--judge", "rules"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert re.search(match, err) and str(src) in err
     assert not (tmp_path / "o.jsonl").exists()
@@ -256,9 +262,9 @@ def test_judge_command_refuses_unknown_judges_missing_files_and_overwriting_inpu
     with pytest.raises(SystemExit):
         main(["judge", "--input", str(src), "--out", str(tmp_path / "o"), "--judge", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
-    assert main(["judge", "--input", str(tmp_path / "none"), "--out", "o"]) == 2
+    assert main(["judge", "--input", str(tmp_path / "none"), "--out", "o", "--judge", "rules"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["judge", "--input", str(src), "--out", str(src)]) == 2
+    assert main(["judge", "--input", str(src), "--out", str(src), "--judge", "rules"]) == 2
     assert "is the input file" in capsys.readouterr().err
 
 
@@ -291,18 +297,20 @@ def test_a_registered_toy_judge_is_accepted_by_the_cli_and_the_eval_config(
 # --------------------------------------------------------------------------- model judges
 
 
-def _toy_head(loaded: LoadedModel, layer: int = 1, bias: float = 0.0) -> ProbeHead:
+def _toy_head(
+    loaded: LoadedModel, layers: tuple[int, ...] = (0, 1), bias: float = 0.0
+) -> ProbeHead:
     d = int(loaded.model.config.hidden_size) + 1
     gen = torch.Generator().manual_seed(0)
-    return ProbeHead(layer, "mean", True, torch.randn(d, generator=gen), bias, torch.zeros(d),
+    return ProbeHead(layers, "mean", True, torch.randn(d, generator=gen), bias, torch.zeros(d),
                      torch.ones(d), 0.5, {"model_weights_id": loaded.weights_id})  # fmt: skip
 
 
-def test_fit_probe_separates_separable_data() -> None:
+def test_fit_logistic_separates_separable_data() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=gen)
     y = (x[:, 0] - 0.5 * x[:, 3] > 0).float()
-    w, b, mu, sd = fit_probe(x, y, l2=1e-4)
+    w, b, mu, sd = fit_logistic(x, y, l2=1e-4)
     pred = (((x - mu) / sd) @ w + b > 0).float()
     assert float((pred == y).float().mean()) > 0.97
     assert abs(float(w[0])) > 3 * max(abs(float(w[1])), abs(float(w[2])))
@@ -325,7 +333,7 @@ def test_head_round_trip_hash_check_and_garbage(tiny_loaded: LoadedModel, tmp_pa
     path = tmp_path / "h.safetensors"
     sha = head.save(path)
     back = ProbeHead.load(path, sha)
-    assert back.layer == 1 and back.use_gap and torch.equal(back.weight, head.weight)
+    assert back.layers == (0, 1) and back.use_gap and torch.equal(back.weight, head.weight)
     assert back.meta == head.meta and back.threshold == 0.5
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
@@ -354,28 +362,28 @@ def test_model_judge_verdicts_rules_first_and_cache(
         mp.setattr(classifier, "judge_features", counting)
         for bias, label in ((50.0, "harmful"), (-50.0, "unharmful")):
             judge = ModelJudge(tiny_loaded, name=f"toy{bias}", head=_toy_head(tiny_loaded, bias=bias),
-                               cache_dir=tmp_path)  # fmt: skip
+                               rules_first=True, cache_dir=tmp_path)  # fmt: skip
             v = judge.judge_many(items)
             assert v[0].label == "unharmful" and v[0].reason.startswith("rules: refusal")
             assert [x.label for x in v[1:]] == [label, label]
             assert "P(harmful)" in v[1].reason
         assert len(calls) == 4  # two model items per judge; the refusal needs no pass
         again = ModelJudge(tiny_loaded, name="toy50.0", head=_toy_head(tiny_loaded, bias=50.0),
-                           cache_dir=tmp_path)  # fmt: skip
+                           rules_first=True, cache_dir=tmp_path)  # fmt: skip
         assert [x.label for x in again.judge_many(items)][1:] == ["harmful", "harmful"]
         assert len(calls) == 4  # read from the cache
 
 
 def test_model_judge_refuses_a_head_of_another_model(tiny_loaded: LoadedModel) -> None:
     head = _toy_head(tiny_loaded)
-    other = ProbeHead(head.layer, "mean", True, head.weight, 0.0, head.mean, head.scale, 0.5,
+    other = ProbeHead(head.layers, "mean", True, head.weight, 0.0, head.mean, head.scale, 0.5,
                       {"model_weights_id": "sha256:another"})  # fmt: skip
     with pytest.raises(EvalError, match="fitted on the model sha256:another"):
         ModelJudge(tiny_loaded, name="x", head=other)
-    deep = ProbeHead(99, "mean", True, head.weight, 0.0, head.mean, head.scale, 0.5, {})
-    with pytest.raises(EvalError, match="layer 99"):
+    deep = ProbeHead((1, 99), "mean", True, head.weight, 0.0, head.mean, head.scale, 0.5, {})
+    with pytest.raises(EvalError, match=r"layers \[1, 99\] are not all in"):
         ModelJudge(tiny_loaded, name="x", head=deep)
-    narrow = ProbeHead(1, "mean", True, head.weight[:5], 0.0, head.mean[:5], head.scale[:5],
+    narrow = ProbeHead((1,), "mean", True, head.weight[:5], 0.0, head.mean[:5], head.scale[:5],
                        0.5, {})  # fmt: skip
     with pytest.raises(EvalError, match="reads 5 inputs"):
         ModelJudge(tiny_loaded, name="x", head=narrow)

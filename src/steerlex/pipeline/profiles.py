@@ -80,6 +80,8 @@ _QUICK: dict[str, Any] = merge(
                 "template_budget": 96,
             },
             "generation": {"max_new_tokens": 8, "batch_size": 8},
+            # the rules judge: the default judge runs the default model, a second load here
+            "judge": {"name": "rules"},
             "defences": [
                 {"kind": "none"},
                 {"kind": "dense", "strengths": [0.2]},
