@@ -21,7 +21,7 @@ AUROC with a 95% bootstrap interval, and the true-positive rate at the threshold
 5% of the contrast's negatives.
 
     .venv/bin/python benchmarks/detectors.py --run runs/default \\
-        --candidates runs/default/sae/harm_candidates.json
+        --candidates runs/default/harm_candidates.json
 
 Writes benchmarks/results/detectors.json.
 """
@@ -55,6 +55,7 @@ RESULTS = Path(__file__).parent / "results" / "detectors.json"
 TOP_K = 8
 
 
+@torch.no_grad()
 def prompt_features(
     loaded: Any, sae: Any, texts: list[str], layer: int, harm: list[int], max_length: int
 ) -> dict[str, Tensor]:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     sae = load_sae(run / "sae")
     layer = int(sae.cfg.layer)
     loaded = load_model(sae.cfg.model_spec)
-    harm = FeatureSelection.load(run / "sae" / "selected_harm.json").ids
+    harm = FeatureSelection.load(run / "selected_harm.json").ids
     cands = FeatureSelection.load(args.candidates).ids if args.candidates else []
     sets = build_sets(
         harmful=["harmbench"], templates=["jailbreak-wild"], benign=["benign"],

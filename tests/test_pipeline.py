@@ -5,6 +5,7 @@ test_pipeline_quick.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from steerlex.cli import main
 from steerlex.cli.reference import cli_reference, config_reference
 from steerlex.cli.run import parse_set
 from steerlex.core.errors import PipelineError, RunInterrupted, StageError, StoreError
+from steerlex.jobs.context import RunContext
 from steerlex.jobs.evaluate import plan_run_defences
 from steerlex.jobs.harvest import HarvestConfig
 from steerlex.pipeline import run as prun
@@ -282,3 +284,15 @@ def test_reference_docs_are_current(doc: str, make: object, command: str) -> Non
     assert (DOCS / doc).read_text(encoding="utf-8") == make(), (
         f"docs/{doc} is stale: python -m steerlex.cli.reference {command} > docs/{doc}"
     )
+
+
+def test_a_partial_run_says_which_stages_are_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prun, "STAGES", _stages([], {}))
+    log = io.StringIO()
+    prun.run_pipeline(_quick("p"), tmp_path, only=["a"], ctx=RunContext(log=log))
+    assert "not run yet: b, c" in log.getvalue() and "complete" not in log.getvalue()
+    log = io.StringIO()
+    prun.run_pipeline(_quick("p"), tmp_path, ctx=RunContext(log=log))
+    assert f"run {tmp_path / 'p'} complete" in log.getvalue()

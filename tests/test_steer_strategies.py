@@ -288,6 +288,29 @@ def test_prompt_gate_reads_only_editable_positions() -> None:
     assert bool(cond.prompt_gate(h, sae, torch.ones(1, 4, dtype=torch.bool))[0])
 
 
+def test_prompt_gate_pools_the_top_positions_so_one_request_in_a_long_template_counts() -> None:
+    sae = random_sae()
+    with torch.no_grad():
+        sae.b_enc[7] = -30.0
+    direction = sae.W_enc[:, 7] / sae.W_enc[:, 7].norm()
+    h = torch.zeros(2, 40, D)
+    h[:, 30:34] = 100 * direction  # a short request inside a 40-position template
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 32:] = False  # row 1 sees only two of the four request positions
+    s = torch.relu(feature_pre_acts(sae, h, [7])).mean(-1)
+    top = Gate((7,), threshold=1.0).prompt_score(h, sae, mask)
+    assert torch.allclose(top[0], s[0, 30:34].sum() / 8)  # top 8: 4 request + 4 zero positions
+    assert torch.allclose(top[1], s[1, 30:32].sum() / 8)
+    mean = Gate((7,), threshold=1.0, top_k=None).prompt_score(h, sae, mask)
+    assert torch.allclose(mean[0], s[0].mean()) and float(top[0]) > 4 * float(mean[0])
+    few = Gate((7,), top_k=8).prompt_score(h[:, :3], sae, torch.tensor([[True, True, False]] * 2))
+    assert torch.allclose(few, s[:, :2].mean(1))  # fewer editable positions than k: all of them
+    assert float(Gate((7,)).prompt_score(h, sae, torch.zeros(2, 40, dtype=torch.bool))[0]) == 0
+    for bad in (0, -2, True):
+        with pytest.raises(SteeringError, match="top_k"):
+            Gate((7,), top_k=bad)
+
+
 def test_token_gate_per_position() -> None:
     sae = random_sae()
     with torch.no_grad():
@@ -353,6 +376,6 @@ def test_make_strategy_and_strength() -> None:
     s = make_strategy("calibrate", [1, 2], target=3.0, gate=Gate((4,)))
     assert isinstance(s, Calibration) and s.target == 3.0 and s.gate is not None
     assert s.with_strength(1.0).strength == 1.0
-    assert "gate prompt >= 0.1" in s.describe()
+    assert "gate prompt top-8 >= 0.1" in s.describe()
     assert make_strategy("amplify", [1]).strength == 1.0
     assert isinstance(make_strategy("ablate", [1]), Ablate)

@@ -14,7 +14,7 @@ def fit_logistic(
 ) -> tuple[Tensor, float, Tensor, Tensor]:
     """A logistic regression of labels ``y`` (0/1) on rows ``x``, inputs standardised, an
     L2 penalty ``l2`` on the weights, fitted with L-BFGS: ``(weight, bias, mean, scale)``."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     mean, scale = x.mean(0), x.std(0) + 1e-6
     xs = (x - mean) / scale
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)

@@ -182,11 +182,20 @@ def run_pipeline(
         write_json_atomic(run_path, record)
         _say(ctx, f"{head}: finished in {seconds:.0f} s")
     n_loads = len(ctx.model_loads) - loads_before
-    _say(
-        ctx,
-        f"run {d} complete in {time.perf_counter() - started:.0f} s ({n_loads} model "
-        f"load{'s' if n_loads != 1 else ''}): open {d / 'report.html'}",
+    spent = (
+        f"{time.perf_counter() - started:.0f} s ({n_loads} model load{'s' if n_loads != 1 else ''})"
     )
+    skipped = {"explain-metrics"} if cfg.explain_metrics.features <= 0 else set()
+    missing = [
+        s.name
+        for s in STAGES
+        if s.name not in skipped and not (d / "stages" / f"{s.name}.json").is_file()
+    ]
+    if missing:
+        _say(ctx, f"stages {', '.join(t.name for t in todo)} of {d} done in {spent}; not run "
+                  f"yet: {', '.join(missing)} (`{resume_command(d)}` runs them)")  # fmt: skip
+    else:
+        _say(ctx, f"run {d} complete in {spent}: open {d / 'report.html'}")
     return d
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_GATE_THRESHOLD",
     "DEFAULT_TARGET",
     "GATE_MODES",
+    "GATE_TOP_K",
     "STRATEGY_NAMES",
     "Ablate",
     "Amplification",
@@ -72,6 +73,10 @@ DEFAULT_GATE_THRESHOLD = 0.1
 
 GateMode = Literal["prompt", "token"]
 GATE_MODES: tuple[GateMode, ...] = ("prompt", "token")
+GATE_TOP_K = 8
+"""Prompt-mode pooling: the harm score of a prompt is the mean of its ``GATE_TOP_K``
+highest-scoring positions (benchmarks/detectors.py: inside jailbreak templates the mean over
+every position is blind, AUROC 0.41; the top 8 reach 0.998)."""
 
 
 # --- validation helpers ------------------------------------------------------------------------
@@ -198,9 +203,11 @@ class Gate:
 
     The harm score of a position is the mean over ``features`` of ``relu(pre-activation)``.
 
-    - ``mode="prompt"``: the gate of a sequence opens when the mean harm score over the prompt's
-      editable positions is ``>= threshold``; the runtime decides once, after prefill, and keeps
-      the decision for every decoding step of that sequence.
+    - ``mode="prompt"``: the gate of a sequence opens when the prompt's harm score is
+      ``>= threshold``: the mean over its :data:`GATE_TOP_K` highest-scoring editable positions
+      (``top_k=None``: over every editable position, the gate before issue 13); the runtime
+      decides once, after prefill, and keeps the decision for every decoding step of that
+      sequence.
     - ``mode="token"``: the gate opens at each position whose own harm score is ``>= threshold``
       (prompt positions and every decoding step).
 
@@ -210,8 +217,13 @@ class Gate:
     features: tuple[int, ...]
     threshold: float = DEFAULT_GATE_THRESHOLD
     mode: GateMode = "prompt"
+    top_k: int | None = GATE_TOP_K
 
     def __post_init__(self) -> None:
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) < 1):
+            raise SteeringError(
+                f"gate top_k must be a positive integer or None, got {self.top_k!r}."
+            )
         object.__setattr__(self, "features", _feature_ids(self.features, "harm features"))
         object.__setattr__(
             self, "threshold", _finite(self.threshold, "harm threshold", nonnegative=True)
@@ -229,10 +241,17 @@ class Gate:
         return F.relu(feature_pre_acts(sae, h, self.features)).mean(dim=-1)
 
     def prompt_score(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor:
-        """Mean harm score ``[B]`` over each row's ``mask`` positions (0 for a row with none)."""
+        """Harm score ``[B]`` of each row: the mean over its ``top_k`` highest-scoring
+        ``mask`` positions (all of them when it has fewer, or when ``top_k`` is ``None``);
+        0 for a row with none."""
         s = self.scores(h, sae)
         m = mask.to(s.dtype)
-        return (s * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        if self.top_k is None:
+            return (s * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        k = min(int(self.top_k), s.shape[1])
+        vals = s.masked_fill(~mask.bool(), float("-inf")).topk(k, dim=1).values
+        valid = torch.isfinite(vals)
+        return vals.where(valid, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(s.dtype)
 
     def prompt_gate(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor:
         """``[B]`` bool: the prompt-mode decision for each row (closed if it has no position)."""
@@ -282,11 +301,15 @@ class SteeringStrategy:
         raise NotImplementedError
 
     def describe(self) -> str:
-        """One line, e.g. ``calibrate target=2.5 on 12 features, gate prompt >= 0.1 on 4``."""
+        """One line, e.g. ``calibrate target=2.5 on 12 features, gate prompt top-8 >= 0.1 on 4``."""
         out = f"{self.name} {self.strength_name}={self.strength:g} on {len(self.features)} features"
         gate = self.gate
         if gate is not None:
-            out += f", gate {gate.mode} >= {gate.threshold:g} on {len(gate.features)} harm features"
+            pool = f" top-{gate.top_k}" if gate.mode == "prompt" and gate.top_k is not None else ""
+            out += (
+                f", gate {gate.mode}{pool} >= {gate.threshold:g} on {len(gate.features)} harm "
+                "features"
+            )
         return out
 
     def check(self, sae: SparseAutoencoder | None, d_model: int | None = None) -> None:

@@ -81,7 +81,9 @@ class SAEDefence(Defence):
                 "strength": st,
                 "features": feats,
                 "keep_norm": opts.keep_norm,
-                "gate": [list(gate.features), gate.threshold, gate.mode] if gate else None,
+                "gate": [list(gate.features), gate.threshold, gate.mode, gate.top_k]
+                if gate
+                else None,
                 "sae": setup.sae_id,
                 "layer": setup.layer,
             }
