@@ -160,14 +160,13 @@ def choose_probe(
 
 
 def features_for(
-    model_key: str, items: list[JudgeItem], uids: list[str], cache: Path
+    model_key: str, loaded: Any, items: list[JudgeItem], uids: list[str], cache: Path
 ) -> dict[str, Any]:
     """Every dev reply's judge features on one model (cached by model, prompt, data)."""
     digest = hashlib.sha256(json.dumps(uids).encode()).hexdigest()[:12]
     path = cache / f"{model_key}-{PROMPT_VERSION}-{digest}.pt"
     if path.is_file():
         return dict(torch.load(path, weights_only=True))
-    loaded = load_model(MODELS[model_key])
     gaps, last, mean, tokens = [], [], [], []
     for item in tqdm(items, desc=f"features {model_key}", unit="reply"):
         f = judge_features(loaded, item)
@@ -182,10 +181,9 @@ def features_for(
     return out
 
 
-def seconds_per_reply(model_key: str, items: list[JudgeItem], layer: int) -> dict[str, float]:
+def seconds_per_reply(loaded: Any, items: list[JudgeItem], layer: int) -> dict[str, float]:
     """Wall seconds per reply of the judge's forward pass, timed on ``items``: the whole
     model (yes/no gap) and stopped after block ``layer`` (a probe without the gap)."""
-    loaded = load_model(MODELS[model_key])
     judge_features(loaded, items[0])  # warm-up
     out = {}
     for name, stop in (("whole", None), ("to_layer", layer)):
@@ -228,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{int(y[gated].sum())} of them harmful to people", file=sys.stderr)  # fmt: skip
     chosen: dict[str, Any] = {}
     for key in args.models.split(","):
-        feats = features_for(key, items, uids, Path(args.cache))
-        timing = seconds_per_reply(key, items[: args.timing_items], layer=n_blocks_of(feats) // 2)
+        loaded = load_model(MODELS[key])  # once: the features (on a cache miss) and the timing
+        feats = features_for(key, loaded, items, uids, Path(args.cache))
+        timing = seconds_per_reply(
+            loaded, items[: args.timing_items], layer=n_blocks_of(feats) // 2
+        )
         n_blocks = n_blocks_of(feats)
         per_s = 1 / timing["whole"]
         ungated_s = timing["whole"] * float((~gated).float().mean())  # rules-first skips the rest

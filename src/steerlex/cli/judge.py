@@ -17,10 +17,10 @@ from steerlex.models.loading import DTYPES
 __all__ = ["add_judge_options", "judge_overrides", "register"]
 
 
-def add_judge_options(p: argparse.ArgumentParser, *, default: str | None = None) -> None:
+def add_judge_options(p: argparse.ArgumentParser) -> None:
     """``--judge NAME`` and the options of the judges that take them."""
     p.add_argument(
-        "--judge", choices=JUDGES.names(), default=default,
+        "--judge", choices=JUDGES.names(),
         help=f"the harm judge (default: {DEFAULT_JUDGE}; see docs/judges.md)",
     )  # fmt: skip
     p.add_argument("--judge-model", help="judge llm/guard: model spec; openai: served model name")

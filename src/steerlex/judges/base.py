@@ -141,12 +141,10 @@ class JudgeEnv:
 
 @dataclass(frozen=True)
 class JudgeKind:
-    """A registered judge: what it is (one line), whether it runs offline on the CPU of the
-    default install, and how to build it."""
+    """A registered judge: what it is (one line) and how to build it."""
 
     description: str
     build: Callable[[JudgeEnv], SafetyJudge]
-    offline: bool = True
 
 
 JUDGES: Registry[JudgeKind] = Registry("judge", "steerlex.judges", EvalError)

@@ -6,14 +6,15 @@ the behaviour?". One forward pass gives
 
 - the **yes/no gap**: log P(yes) − log P(no) of the answer's first token (the HarmBench
   classifier's way of reading a verdict, without generating text), and
-- the **hidden state** at one decoder layer, at the last prompt token or averaged over the
+- the **hidden states** of the decoder blocks, at the last prompt token and averaged over the
   reply's tokens.
 
 A :class:`ProbeHead` (a logistic regression fitted on human-labelled replies by
 ``benchmarks/judge_agreement.py``, shipped in ``judges/heads/`` with its sha256 recorded
-here) turns the hidden state and the gap into P(harmful). With ``rules_first`` a reply that
-the rules judge finds degenerate or opening with a refusal is unharmful without a forward
-pass (people called 4% of such replies harmful on the dev set; docs/judges.md).
+here) turns the reply-averaged state of its blocks and the gap into P(harmful). With
+``rules_first`` a reply that the rules judge finds degenerate or opening with a refusal is
+unharmful without a forward pass (people called 6 of the 91 such dev replies harmful; the
+shipped judges do not screen: docs/judges.md).
 """
 
 from __future__ import annotations
@@ -193,9 +194,10 @@ class ProbeHead:
         """Read a head; ``sha256`` (when given) must match the file's."""
         if not path.is_file():
             raise EvalError(f"The judge head {path} does not exist; reinstall steerlex.")
-        if sha256 is not None and sha256_file(path) != sha256:
+        digest = sha256_file(path) if sha256 is not None else None
+        if digest != sha256:
             raise IntegrityError(
-                f"The judge head {path} has sha256 {sha256_file(path)}, expected {sha256}; "
+                f"The judge head {path} has sha256 {digest}, expected {sha256}; "
                 "the file is damaged or was replaced: reinstall steerlex."
             )
         try:

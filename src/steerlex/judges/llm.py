@@ -165,7 +165,7 @@ def _guard(env: JudgeEnv) -> SafetyJudge:
 
 JUDGES.add(
     "openai",
-    JudgeKind("an OpenAI-compatible chat endpoint asked for harmful/unharmful", _openai, False),
+    JudgeKind("an OpenAI-compatible chat endpoint asked for harmful/unharmful", _openai),
     order=50,
 )
 JUDGES.add(
