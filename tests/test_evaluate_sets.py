@@ -173,3 +173,39 @@ def test_turns_records_and_where_filter(tmp_path: Path) -> None:
     assert [i.text for i in safe] == ["How do I kill a Python process?"]
     with pytest.raises(EvalError, match="keeps none"):
         load_source(SourceSpec(str(xs), where={"label": "nope"}))
+
+
+def test_reformulated_requests_are_a_jailbreak_family_split_evenly(tmp_path: Path) -> None:
+    src = _write_sources(tmp_path)
+    past = tmp_path / "past.txt"
+    past.write_text("".join(f"How did people do harm {i} in the past?\n" for i in range(30)))
+    future = tmp_path / "future.txt"
+    future.write_text("".join(f"How will people do harm {i} in the future?\n" for i in range(30)))
+    kw = dict(
+        harmful=[src["harm"]], templates=[src["tmpl"]], benign=[src["benign"]],
+        reformulated=[str(past), str(future)], n_jailbreak=4, n_reformulated=5, n_harmful=2,
+        n_benign=2, n_selection=2, n_tuning=2,
+    )  # fmt: skip
+    sets = build_sets(**kw)  # type: ignore[arg-type]
+    test_jb = sets.of("jailbreak", "test")
+    assert len(test_jb) == 4 + 5
+    fams = [p.meta["family"] for p in test_jb]
+    assert fams.count(str(past)) == 3 and fams.count(str(future)) == 2  # 5 split 3 + 2
+    assert fams.count(str(tmp_path / "templates.jsonl")) == 4
+    for p in test_jb:
+        if p.meta["composition"] == "reformulated":
+            assert p.behaviour == p.text and p.id == f"jailbreak:{p.meta['behaviour_id']}"
+    # reformulations are test-only: selection jailbreaks stay template attacks
+    assert all(p.meta["composition"] != "reformulated" for p in sets.of("jailbreak", "selection"))
+    # the split is by text id: no reformulation of the selection part is in the test part
+    past_ids = {p.meta["behaviour_id"] for p in test_jb if p.meta["family"] == str(past)}
+    held = split_part(load_source(str(past))[0], "test", 0.5, "steerlex-eval")
+    assert len(past_ids) == 3 and past_ids <= {it.id for it in held}
+    assert sets.settings["n_reformulated"] == 5
+    with pytest.raises(EvalError, match="n_reformulated is above 0 but sets.reformulated"):
+        build_sets(**{**kw, "reformulated": []})  # type: ignore[arg-type]
+    with pytest.raises(
+        EvalError,
+        match=r"reformulated requests has \d+ items but 100 are needed; lower sets.n_reform",
+    ):
+        build_sets(**{**kw, "n_reformulated": 200})  # type: ignore[arg-type]

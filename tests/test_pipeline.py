@@ -113,6 +113,9 @@ def test_run_defences_get_the_selected_features() -> None:
             {"kind": "amplify", "strengths": [1.0]},
             {"kind": "amplify", "name": "a-data", "features": "data", "strengths": [1.0]},
             {"kind": "calibrate", "conditional": True, "strengths": [2.0]},
+            {"kind": "calibrate", "name": "c-feat", "conditional": True, "detector": "features",
+             "strengths": [2.0]},
+            {"kind": "dense", "conditional": True, "detector": "features", "strengths": [0.1]},
         ]}}
     )  # fmt: skip
     e = plan_run_defences(
@@ -120,11 +123,13 @@ def test_run_defences_get_the_selected_features() -> None:
         harm="h.json",
     )  # fmt: skip
     assert e.defences is not None
-    none, amp, data, cal = (d.options for d in e.defences)
+    none, amp, data, cal, cal_feat, dense = (d.options for d in e.defences)
     assert not hasattr(none, "features")
     assert amp.features == "s.json" and amp.harm_features is None
     assert data.features is None  # the evaluation's data-selected features
-    assert cal.features == "s.json" and cal.harm_features == "h.json"
+    # the default gate is the probe: no harm features; a features gate gets the run's
+    assert cal.features == "s.json" and cal.harm_features is None and cal.detector == "probe"
+    assert cal_feat.harm_features == "h.json" and dense.harm_features == "h.json"
     assert (e.model, e.sae, e.layer, e.out) == ("M", "S", 3, "o")
 
 

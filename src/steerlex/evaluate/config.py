@@ -49,11 +49,16 @@ class SetsConfig:
     templates: list[Source] = option(
         factory=lambda: ["jailbreak-wild", "dan"], help="jailbreak template sources"
     )
+    reformulated: list[Source] = option(
+        factory=list,
+        help="reformulated harmful requests, a jailbreak family of their own (e.g. past-tense)",
+    )
     benign: list[Source] = option(factory=lambda: ["benign"], help="benign request sources")
     utility: list[Source] = option(
         factory=list, help="utility prompt sources (with reference answers, optional)"
     )
     n_jailbreak: int = option(40, help="test jailbreak prompts (a template around a request)")
+    n_reformulated: int = option(0, help="test reformulated requests, split evenly by source")
     n_harmful: int = option(40, help="test plain harmful requests")
     n_benign: int = option(40, help="test benign requests (over-refusal)")
     n_utility: int = option(0, help="test utility prompts")

@@ -23,12 +23,14 @@ Job = tuple[Condition, Sequence[EvalPrompt]]
 
 @dataclass(frozen=True)
 class Reply:
-    """One generated reply and what it cost (``seconds``: its share of the batch's wall time)."""
+    """One generated reply and what it cost (``seconds``: its share of the batch's wall time);
+    ``gate_open``: the conditional gate's decision (``None`` without a gate)."""
 
     text: str
     tokens: int
     finish_reason: str
     seconds: float
+    gate_open: bool | None = None
 
 
 def generate_replies(
@@ -65,7 +67,10 @@ def generate_replies(
                 **kw,
             )
             share = (time.perf_counter() - t0) / len(idx)
-            replies = [Reply(r.text, len(r.token_ids), r.finish_reason, share) for r in responses]
+            replies = [
+                Reply(r.text, len(r.token_ids), r.finish_reason, share, r.report.gate_open)
+                for r in responses
+            ]
             on_batch(idx, replies)
     finally:
         steered.enabled = False
@@ -143,6 +148,7 @@ class GenerationRunner:
                         "tokens": r.tokens,
                         "finish_reason": r.finish_reason,
                         "seconds": r.seconds,
+                        "gate_open": r.gate_open,
                         "time": time.time(),
                     }
                     for i, r in zip(idx, replies, strict=True)
@@ -184,6 +190,7 @@ class GenerationRunner:
                     "tokens": rec["tokens"],
                     "finish_reason": rec["finish_reason"],
                     "seconds": rec["seconds"],
+                    "gate_open": rec.get("gate_open"),
                     "meta": dict(p.meta),
                     "judges": {"rules": verdict.to_json()},
                 }

@@ -18,7 +18,7 @@ from steerlex.models.chat import EncodedPrompt, encode_prompt, has_chat_template
 from steerlex.models.hooks import edit_residual
 from steerlex.steer.runtime import SteeredModel
 
-__all__ = ["cached_kl", "kl_divergences"]
+__all__ = ["answer_logits", "cached_kl", "kl_divergences"]
 
 
 def _encode_with_answer(
@@ -29,7 +29,7 @@ def _encode_with_answer(
 
 
 @torch.no_grad()
-def _answer_logits(
+def answer_logits(
     steered: SteeredModel,
     cond: Condition,
     prompts: Sequence[str],
@@ -67,20 +67,23 @@ def _answer_logits(
         gate_open = None
         gate = strategy.gate
         if gate is not None and gate.mode == "prompt":
-            assert sae is not None  # a gate reads SAE features
             gate_open = gate.prompt_gate(h, sae, prompt_part.to(h.device))
         return strategy(h, sae, mask, gate_open=gate_open)
 
+    # rows are left-padded, so every answer lies in the last `keep` positions: only those
+    # get logits (a long prompt's [width, vocab] logits would cost gigabytes)
+    keep = max(len(seq) - len(enc.input_ids) for enc, seq in rows) + 1
+    kw = {"input_ids": ids, "attention_mask": attn, "position_ids": positions,
+          "logits_to_keep": keep}  # fmt: skip
     if strategy is None:
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits
+        logits = model(**kw).logits
     else:
         with edit_residual(model, steered.layer, edit):
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits
+            logits = model(**kw).logits
     out = []
     for i, (enc, seq) in enumerate(rows):
-        off = width - len(seq)
-        start = off + len(enc.input_ids) - 1
-        out.append(logits[i, start : start + len(seq) - len(enc.input_ids)].float().cpu())
+        start = keep - 1 - (len(seq) - len(enc.input_ids))
+        out.append(logits[i, start : keep - 1].float().cpu())
     return out
 
 
@@ -127,9 +130,9 @@ def kl_divergences(
         if not need:
             continue
         ps, ans = [prompts[i] for i in idx], [answer_ids[i] for i in idx]
-        base_logits = _answer_logits(steered, base, ps, ans)
+        base_logits = answer_logits(steered, base, ps, ans)
         for c in need:
-            logits = _answer_logits(steered, c, ps, ans)
+            logits = answer_logits(steered, c, ps, ans)
             for i, lb, ls in zip(idx, base_logits, logits, strict=True):
                 value = float(kl_per_position(ls, lb).mean())
                 out[c.label][i] = value

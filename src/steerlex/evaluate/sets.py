@@ -374,6 +374,7 @@ class _Pools:
 
     behaviours: list[TextItem]
     templates: list[TextItem]  # unique texts
+    reformulated: list[list[TextItem]]  # one pool per source
     benign: list[TextItem]
     utility: list[TextItem]
     provenance: dict[str, str]
@@ -400,6 +401,7 @@ def _load_pools(
     templates: Sequence[str | SourceSpec],
     benign: Sequence[str | SourceSpec],
     utility: Sequence[str | SourceSpec],
+    reformulated: Sequence[str | SourceSpec],
     *,
     test_fraction: float,
     seed: int,
@@ -418,12 +420,19 @@ def _load_pools(
     if utility:
         utility_items, prov = _items_of(utility, "utility")
         provenance.update(prov)
+    by_source: dict[str, list[TextItem]] = {}
+    if reformulated:
+        got, prov = _items_of(reformulated, "reformulated")
+        provenance.update(prov)
+        for it in got:
+            by_source.setdefault(it.source, []).append(it)
+    reformulated_items = list(by_source.values())
     unique: dict[str, TextItem] = {}
     for it in template_items:
         unique.setdefault(it.text, it)
     return _Pools(
-        behaviours, list(unique.values()), benign_items, utility_items, provenance,
-        test_fraction, seed, salt,
+        behaviours, list(unique.values()), reformulated_items, benign_items, utility_items,
+        provenance, test_fraction, seed, salt,
     )  # fmt: skip
 
 
@@ -437,17 +446,38 @@ def _jailbreaks(
         b = beh[i % len(beh)]
         t = order_t[(i + i // len(beh)) % len(order_t)]
         text, meta = compose_attack(Template(t.id, t.text, t.source), b.text, **compose)
-        meta.update(behaviour_id=b.id, source=t.source)
+        meta.update(behaviour_id=b.id, source=t.source, family=t.source)
         out.append(EvalPrompt(f"jailbreak:{b.id}|{t.id}", "jailbreak", text, part, b.text, meta))
     return out
 
 
+def _reformulations(pools: _Pools, part: Part, n: int) -> list[EvalPrompt]:
+    """``n`` reformulated requests of ``part``, taken from the sources in turn (the request
+    is its own behaviour; its family is its source)."""
+    if not n:
+        return []
+    if not pools.reformulated:
+        raise EvalError(
+            "sets.n_reformulated is above 0 but sets.reformulated names no source; add one "
+            "(e.g. past-tense, future-tense) or set n_reformulated to 0."
+        )
+    counts = [n // len(pools.reformulated) + (i < n % len(pools.reformulated))
+              for i in range(len(pools.reformulated))]  # fmt: skip
+    out = []
+    for pool, count in zip(pools.reformulated, counts, strict=True):
+        for it in pools.take(pool, part, count, "reformulated requests", "n_reformulated")[:count]:
+            meta = {"composition": "reformulated", "behaviour_id": it.id, "source": it.source,
+                    "family": it.source}  # fmt: skip
+            out.append(EvalPrompt(f"jailbreak:{it.id}", "jailbreak", it.text, part, it.text, meta))
+    return out
+
+
 def _part_prompts(
-    pools: _Pools, part: Part, n: tuple[int, int, int, int], compose: dict[str, Any]
+    pools: _Pools, part: Part, n: tuple[int, int, int, int, int], compose: dict[str, Any]
 ) -> list[EvalPrompt]:
     """The plain harmful, jailbreak, benign and utility prompts of ``part``; ``n`` holds how
-    many jailbreak, harmful, benign and utility prompts."""
-    n_jb, n_harm, n_ben, n_util = n
+    many template jailbreaks, harmful, benign, utility and reformulated prompts."""
+    n_jb, n_harm, n_ben, n_util, n_ref = n
     key = "n_selection" if part == "selection" else "n_harmful"
     beh = pools.take(
         pools.behaviours, part, max(n_harm, 1 if n_jb else 0), "harmful behaviours", key
@@ -458,6 +488,7 @@ def _part_prompts(
         prompts.append(EvalPrompt(f"harmful:{it.id}", "harmful", it.text, part, it.text, meta))
     if n_jb:
         prompts += _jailbreaks(pools, part, beh, n_jb, compose)
+    prompts += _reformulations(pools, part, n_ref)
     for kind, pool, count in (("benign", pools.benign, n_ben), ("utility", pools.utility, n_util)):
         if not count:
             continue
@@ -477,7 +508,9 @@ def build_sets(
     templates: Sequence[str | SourceSpec],
     benign: Sequence[str | SourceSpec],
     utility: Sequence[str | SourceSpec] = (),
+    reformulated: Sequence[str | SourceSpec] = (),
     n_jailbreak: int,
+    n_reformulated: int = 0,
     n_harmful: int,
     n_benign: int,
     n_utility: int = 0,
@@ -494,8 +527,11 @@ def build_sets(
     """Every prompt of an evaluation (see the module docstring for the rules).
 
     Test part: ``n_jailbreak`` jailbreaks, ``n_harmful`` plain behaviours (the first behaviours
-    of the jailbreaks, so both see the same requests), ``n_benign`` benign and ``n_utility``
-    utility prompts. Selection part: ``n_selection`` each of jailbreak, harmful and benign (for
+    of the jailbreaks, so both see the same requests), ``n_reformulated`` reformulated
+    requests (kind ``jailbreak``, split evenly over the ``reformulated`` sources, e.g. past- and
+    future-tense rewrites; each is its own behaviour), ``n_benign`` benign and ``n_utility``
+    utility prompts. Every jailbreak's ``meta["family"]`` is its template's or reformulation's
+    source. Selection part: ``n_selection`` each of jailbreak, harmful and benign (for
     tuning), and up to ``n_tuning`` selection-part harmful and benign texts in
     :attr:`EvalSets.tuning` (for the refusal direction and data-driven features). Template
     duplicates (same text) are dropped. Jailbreak ``i`` pairs behaviour ``i mod B`` with
@@ -510,6 +546,7 @@ def build_sets(
         "n_harmful": n_harmful,
         "n_benign": n_benign,
         "n_utility": n_utility,
+        "n_reformulated": n_reformulated,
         "n_selection": n_selection,
         "n_tuning": n_tuning,
     }
@@ -519,16 +556,19 @@ def build_sets(
     if template_budget is not None and template_budget < 1:
         raise EvalError(f"sets.template_budget must be >= 1 or null, got {template_budget}.")
     pools = _load_pools(
-        harmful, templates, benign, utility, test_fraction=test_fraction, seed=seed, salt=salt
-    )
+        harmful, templates, benign, utility, reformulated,
+        test_fraction=test_fraction, seed=seed, salt=salt,
+    )  # fmt: skip
     compose = {
         "append": append,
         "model_name": model_name,
         "budget": template_budget,
         "token_ends_of": token_ends(tokenizer) if tokenizer is not None else None,
     }
-    prompts = _part_prompts(pools, "selection", (n_selection, n_selection, n_selection, 0), compose)
-    prompts += _part_prompts(pools, "test", (n_jailbreak, n_harmful, n_benign, n_utility), compose)
+    sel = (n_selection, n_selection, n_selection, 0, 0)
+    prompts = _part_prompts(pools, "selection", sel, compose)
+    test = (n_jailbreak, n_harmful, n_benign, n_utility, n_reformulated)
+    prompts += _part_prompts(pools, "test", test, compose)
     harm_sel = pools.take(pools.behaviours, "selection", 1, "harmful behaviours", "n_tuning")
     benign_sel = pools.take(pools.benign, "selection", 1, "benign prompts", "n_tuning")
     tuning = {
@@ -547,6 +587,7 @@ def build_sets(
         "templates": [_spec_json(s) for s in templates],
         "benign": [_spec_json(s) for s in benign],
         "utility": [_spec_json(s) for s in utility],
+        "reformulated": [_spec_json(s) for s in reformulated],
         **sizes,
         "test_fraction": test_fraction,
         "seed": seed,

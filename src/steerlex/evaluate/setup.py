@@ -1,6 +1,6 @@
 """What the defences of one evaluation are built from: the model, the SAE, the layer and the
 selection split, and what is computed from them the first time a defence asks (the refusal
-direction, the data-selected features, the gate calibration).
+direction, the data-selected features, the gate calibration, the harm probe).
 
 Everything computed is recorded in :attr:`EvalSetup.info` (it becomes ``scores.json``'s
 ``tuning`` block), so the choices a run made can be read back.
@@ -9,14 +9,24 @@ Everything computed is recorded in :attr:`EvalSetup.info` (it becomes ``scores.j
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
+import torch
 from torch import Tensor
 
 from steerlex.core.errors import EvalError
 from steerlex.evaluate.config import EvalConfig
+from steerlex.evaluate.ranking import (
+    COMPLIANCE,
+    RANK_MAX_TOKENS,
+    RANK_PROMPTS,
+    REFUSAL,
+    rank_by_refusal,
+)
 from steerlex.evaluate.sets import EvalSets
 from steerlex.evaluate.tuning import (
     calibrate_gate,
@@ -25,13 +35,24 @@ from steerlex.evaluate.tuning import (
     refusal_direction,
     sae_fingerprint,
 )
+from steerlex.models.chat import prompt_residuals
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SparseAutoencoder
 from steerlex.steer.features import parse_feature_list
+from steerlex.steer.probe import LinearProbe, fit_probe
+from steerlex.steer.runtime import SteeredModel
 from steerlex.steer.select import data_scores, mean_activations
-from steerlex.steer.strategies import Gate
+from steerlex.steer.strategies import Gate, GateMode, SteeringStrategy
 
-__all__ = ["EvalSetup", "RefusalDirection", "say"]
+__all__ = ["DETECTORS", "PROBE_FILE", "EvalSetup", "RefusalDirection", "say"]
+
+DETECTORS = ("probe", "features")
+"""What a conditional defence's gate reads (``detector``): the harm probe (default) or SAE
+harm features."""
+PROBE_FILE = "gate_probe.safetensors"
+"""Where an evaluation writes the harm probe it fitted (usable as ``steerlex generate --harm``)."""
+PROBE_MAX_LENGTH = 1024
+"""Tokens per prompt when fitting the probe (jailbreak templates are long)."""
 
 
 def say(log: TextIO | None, msg: str) -> None:
@@ -80,6 +101,7 @@ class EvalSetup:
         self._direction: RefusalDirection | None = None
         self._data_ids: list[int] | None = None
         self._thresholds: dict[tuple[int, ...], float] = {}
+        self._probe: LinearProbe | None = None
 
     @cached_property
     def sae_id(self) -> str | None:
@@ -181,9 +203,125 @@ class EvalSetup:
             )
         return self._thresholds[harm]
 
+    def gate(self, opts: Any) -> Gate | None:
+        """The gate of a defence's options (a
+        :class:`~steerlex.evaluate.defences.sae.ConditionalOptions`; ``None`` unless
+        conditional): the harm probe with threshold 0 and mean pooling, or the harm features
+        with the calibrated threshold and top-k pooling."""
+        if not opts.conditional:
+            return None
+        mode: GateMode = "token" if opts.gate_mode == "token" else "prompt"
+        if opts.detector == "probe":
+            if opts.harm_features is not None:
+                raise EvalError(
+                    "harm_features is set but detector is 'probe'; set detector to "
+                    "'features' to gate on them."
+                )
+            threshold = 0.0 if opts.gate_threshold is None else opts.gate_threshold
+            return Gate((), threshold, mode, top_k=None, probe=self.harm_probe())
+        harm = tuple(self.feature_ids(opts.harm_features, "harm_features"))
+        threshold = opts.gate_threshold
+        if threshold is None:
+            threshold = self.gate_threshold(harm)
+        return Gate(harm, threshold, mode)
+
+    def _mean_residuals(self, texts: list[str]) -> list[Tensor]:
+        """Each prompt's mean layer output over its editable positions (the gate's)."""
+        out: list[Tensor] = []
+        for enc, h in prompt_residuals(
+            self.loaded, texts, self.layer, batch_size=self.cfg.generation.batch_size,
+            max_length=PROBE_MAX_LENGTH,
+        ):  # fmt: skip
+            for i, e in enumerate(enc):
+                rows = h[i, e.content_start : len(e.input_ids)]
+                if len(rows):
+                    out.append(rows.float().mean(dim=0).cpu())
+        return out
+
+    def harm_probe(self) -> LinearProbe:
+        """The logistic harm probe of the gate (fitted once, written to ``OUT/gate_probe.safetensors``):
+        the selection split's tuning harmful prompts and jailbreaks against its tuning benign
+        prompts, each a mean over the gate's positions."""
+        if self._probe is None:
+            harmful = list(self.sets.tuning["harmful"])
+            jailbreaks = [p.text for p in self.sets.of("jailbreak", "selection")]
+            benign = list(self.sets.tuning["benign"])
+            say(
+                self.log,
+                f"harm probe from {len(harmful)} harmful + {len(jailbreaks)} jailbreak vs "
+                f"{len(benign)} benign selection prompts at layer {self.layer}",
+            )
+            with torch.no_grad():
+                pos = self._mean_residuals(harmful + jailbreaks)
+                neg = self._mean_residuals(benign)
+            probe = fit_probe(
+                pos, neg, layer=self.layer, model=self.loaded.weights_id,
+                model_name=self.loaded.name,
+            )  # fmt: skip
+            path = Path(self.cfg.out) / PROBE_FILE
+            probe.save(path)
+            pos_s = [float(probe.scores(x)) for x in pos]
+            neg_s = [float(probe.scores(x)) for x in neg]
+            self.info["harm_probe"] = {
+                "file": str(path),
+                "fingerprint": probe.fingerprint,
+                "layer": self.layer,
+                "positive_prompts": len(pos),
+                "negative_prompts": len(neg),
+                "fit_accuracy": (sum(s >= 0 for s in pos_s) + sum(s < 0 for s in neg_s))
+                / (len(pos_s) + len(neg_s)),
+                "rule": "logistic regression (L2 on standardised inputs) of mean residuals "
+                "over the gate's positions: selection-split harmful prompts and jailbreaks vs "
+                "benign prompts; threshold 0 (P(harmful) = 0.5)",
+            }
+            self._probe = probe
+        return self._probe
+
+    def ranked_features(
+        self,
+        label: str,
+        candidates: list[int],
+        strategy_of: Callable[[int], SteeringStrategy],
+        strength: float,
+    ) -> list[int]:
+        """``candidates`` that raise the refusal margin when steered alone, best first
+        (:func:`~steerlex.evaluate.ranking.rank_by_refusal`; the single best when none
+        does); the measurements go to ``info["ranking"][label]``."""
+        sae = self._need_sae("ranking features")
+        tok = self.loaded.tokenizer
+        prompts = [  # short ones: HarmBench's contextual behaviours run to 1,000 tokens
+            t
+            for t in self.sets.tuning["harmful"]
+            if len(tok(t, add_special_tokens=False)["input_ids"]) <= RANK_MAX_TOKENS
+        ] or list(self.sets.tuning["harmful"])
+        say(
+            self.log,
+            f"{label}: ranking {len(candidates)} candidate features by their effect on refusal "
+            f"over {min(len(prompts), RANK_PROMPTS)} harmful selection prompts",
+        )
+        steered = SteeredModel(self.loaded, sae, None, layer=self.layer, enabled=True)
+        effects, base = rank_by_refusal(
+            steered, candidates, strategy_of, prompts,
+            batch_size=self.cfg.generation.batch_size, progress=self.progress,
+        )  # fmt: skip
+        kept = [e.id for e in effects if e.effect > 0] or [effects[0].id]
+        self.info.setdefault("ranking", {})[label] = {
+            "candidates": list(candidates),
+            "effects": {str(e.id): e.effect for e in effects},
+            "kept": kept,
+            "strength": strength,
+            "unsteered_margin": base,
+            "rule": f"each candidate alone at strength {strength:g}: mean change of log "
+            f"P({REFUSAL!r}) - log P({COMPLIANCE!r}) over the selection split's first "
+            f"{RANK_PROMPTS} harmful tuning prompts of at most {RANK_MAX_TOKENS} tokens; kept if "
+            "positive, best first",
+        }
+        return kept
+
     def note_features(self, label: str, features: list[int], gate: Gate | None) -> None:
         """Record the features a defence steers (and its gate's) in ``info["features"]``."""
         self.info["features"][label] = {
             "features": features,
-            "harm_features": list(gate.features) if gate else None,
+            "harm_features": list(gate.features) if gate and gate.probe is None else None,
+            "gate": gate.describe() if gate else None,
         }

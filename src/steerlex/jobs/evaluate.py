@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from steerlex.evaluate.config import DefenceConfig, EvalConfig, default_defences
 from steerlex.evaluate.defences import DEFENCES
+from steerlex.evaluate.defences.sae import ConditionalOptions
 from steerlex.evaluate.run import EvalResult, run_eval
 from steerlex.jobs.context import RunContext
 from steerlex.judges import SafetyJudge
@@ -30,17 +31,21 @@ def eval_job(
 
 
 def _run_defence(d: DefenceConfig, safety: str, harm: str) -> DefenceConfig:
-    """An SAE defence of the run steers the explanation-selected ``safety`` features (a
-    conditional one gated by the ``harm`` detectors) unless it names its own; ``"data"``
-    means the evaluation's data-selected features (no explanations used)."""
-    if not DEFENCES.get(d.kind).needs_sae:
-        return d
+    """An SAE defence of the run steers the explanation-selected ``safety`` features unless it
+    names its own; ``"data"`` means the evaluation's data-selected features (no explanations
+    used, its gate's too). A conditional defence whose gate reads SAE features (``detector:
+    features``) is gated by the ``harm`` detectors unless it names its own."""
     opts = d.options
-    if opts.features == "data":
+    if DEFENCES.get(d.kind).needs_sae and opts.features == "data":
         return replace(d, options=replace(opts, features=None))
-    if opts.features is None:
+    if DEFENCES.get(d.kind).needs_sae and opts.features is None:
         opts = replace(opts, features=safety)
-    if getattr(opts, "conditional", False) and opts.harm_features is None:
+    if (
+        isinstance(opts, ConditionalOptions)
+        and opts.conditional
+        and opts.detector == "features"
+        and opts.harm_features is None
+    ):
         opts = replace(opts, harm_features=harm)
     return replace(d, options=opts)
 

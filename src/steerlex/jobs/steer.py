@@ -13,6 +13,7 @@ from steerlex.data.sources import load_texts
 from steerlex.jobs.context import RunContext
 from steerlex.models.loading import DTYPES
 from steerlex.steer.features import parse_feature_list
+from steerlex.steer.probe import is_probe_file, load_probe
 from steerlex.steer.runtime import SteeredModel, SteeredResponse
 from steerlex.steer.server import API_KEY_ENV, ServerLimits, SteeringServer, make_server
 from steerlex.steer.strategies import (
@@ -21,6 +22,7 @@ from steerlex.steer.strategies import (
     GATE_MODES,
     STRATEGY_NAMES,
     Gate,
+    GateMode,
     make_strategy,
 )
 
@@ -68,12 +70,13 @@ class SteerConfig:
     )
     harm: str | None = option(
         None, metavar="FILE_OR_IDS",
-        help="conditional steering: act only where these harm features fire",
+        help="conditional steering: act only where these harm features fire, or where a harm "
+        "probe (a gate_probe.safetensors from steerlex eval) does",
     )  # fmt: skip
     harm_threshold: float | None = option(
         None,
         help="gate threshold on the harm features' mean activation "
-        f"(default {DEFAULT_GATE_THRESHOLD})",
+        f"(default {DEFAULT_GATE_THRESHOLD}; for a probe its logit, default 0)",
     )
     gate: str | None = option(
         None, choices=GATE_MODES,
@@ -156,10 +159,15 @@ def steered_model(cfg: SteerConfig, ctx: RunContext) -> tuple[SteeredModel, dict
     features = parse_feature_list(cfg.features, sae=sae)
     gate = None
     labels = dict(features.labels)
-    if cfg.harm is not None:
+    mode: GateMode = "token" if cfg.gate == "token" else "prompt"
+    if cfg.harm is not None and is_probe_file(cfg.harm):
+        probe = load_probe(cfg.harm)
+        threshold = 0.0 if cfg.harm_threshold is None else cfg.harm_threshold
+        gate = Gate((), threshold, mode, top_k=None, probe=probe)
+    elif cfg.harm is not None:
         harm = parse_feature_list(cfg.harm, what="--harm", sae=sae)
         threshold = DEFAULT_GATE_THRESHOLD if cfg.harm_threshold is None else cfg.harm_threshold
-        gate = Gate(harm.ids, threshold, "token" if cfg.gate == "token" else "prompt")
+        gate = Gate(harm.ids, threshold, mode)
         labels.update({k: v for k, v in harm.labels.items() if k not in labels})
     elif cfg.harm_threshold is not None or cfg.gate is not None:
         raise SteeringError("--harm-threshold and --gate need --harm (the harm feature ids).")
@@ -176,6 +184,10 @@ def steered_model(cfg: SteerConfig, ctx: RunContext) -> tuple[SteeredModel, dict
     if not spec:
         raise SteeringError(f"the SAE in {cfg.sae} does not record its model; pass --model.")
     loaded = ctx.model(spec, device=cfg.device, dtype=cfg.dtype)
+    if gate is not None and gate.probe is not None:
+        layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
+        where = f"--harm {cfg.harm}"
+        gate.probe.check_for(loaded.weights_id, -1 if layer is None else layer, where)
     steered = SteeredModel(
         loaded, sae, strategy, layer=cfg.layer, enabled=cfg.steer,
         check_weights=not cfg.ignore_weights_id,

@@ -49,8 +49,17 @@ _DEFAULT: dict[str, Any] = {
             # strengths where the full-size run (docs/results.md) saw the defences act
             {"kind": "amplify", "strengths": [1.5, 3.0]},
             {"kind": "amplify", "name": "amplify-data", "strengths": [1.0], "features": "data"},
-            {"kind": "calibrate", "strengths": [20.0]},
-            {"kind": "calibrate", "conditional": True, "strengths": [20.0]},
+            # conditional arms gated by the harm probe (docs/results.md, "A defence that
+            # works"): the explanation-selected features that raise refusal when measured,
+            # and the refusal direction
+            {
+                "kind": "amplify",
+                "name": "amplify-ranked-conditional",
+                "conditional": True,
+                "rank": True,
+                "strengths": [3.0],
+            },
+            {"kind": "dense", "conditional": True, "strengths": [0.4]},
         ],
     },
 }

@@ -284,7 +284,7 @@ class _SteeringCall:
     def _decide(self, h: Tensor, mask: Tensor, prefill: bool) -> None:
         """The gate's decision: per row at prefill; token mode opens later rows too."""
         gate, sae = self.gate, self.sae
-        if gate is None or sae is None:
+        if gate is None or (gate.needs_sae and sae is None):
             return
         if prefill:
             self.harm_score = gate.prompt_score(h, sae, mask)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from steerlex.core.errors import SteeringError
 from steerlex.sae.base import SparseAutoencoder
+from steerlex.steer.probe import LinearProbe
 
 __all__ = [
     "DEFAULT_GATE_THRESHOLD",
@@ -199,9 +200,12 @@ def _merge(h: Tensor, edited: Tensor, mask: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Gate:
-    """Steer only where the *harm* features fire.
+    """Steer only where the *harm* features fire (or a harm probe does).
 
-    The harm score of a position is the mean over ``features`` of ``relu(pre-activation)``.
+    The harm score of a position is the mean over ``features`` of ``relu(pre-activation)``;
+    with a ``probe`` (:class:`~steerlex.steer.probe.LinearProbe`, and no features) it is the
+    probe's logit, which needs no SAE and may be negative (``threshold`` 0: "harmful" more
+    likely than not; use ``top_k=None``, the mean the probe was fitted on).
 
     - ``mode="prompt"``: the gate of a sequence opens when the prompt's harm score is
       ``>= threshold``: the mean over its :data:`GATE_TOP_K` highest-scoring editable positions
@@ -218,29 +222,65 @@ class Gate:
     threshold: float = DEFAULT_GATE_THRESHOLD
     mode: GateMode = "prompt"
     top_k: int | None = GATE_TOP_K
+    probe: LinearProbe | None = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) < 1):
             raise SteeringError(
                 f"gate top_k must be a positive integer or None, got {self.top_k!r}."
             )
-        object.__setattr__(self, "features", _feature_ids(self.features, "harm features"))
-        object.__setattr__(
-            self, "threshold", _finite(self.threshold, "harm threshold", nonnegative=True)
-        )
+        if self.probe is not None:
+            if tuple(self.features):
+                raise SteeringError("a gate reads harm features or a harm probe, not both.")
+            object.__setattr__(self, "features", ())
+            object.__setattr__(self, "threshold", _finite(self.threshold, "harm threshold"))
+        else:
+            object.__setattr__(self, "features", _feature_ids(self.features, "harm features"))
+            object.__setattr__(
+                self, "threshold", _finite(self.threshold, "harm threshold", nonnegative=True)
+            )
         if self.mode not in GATE_MODES:
             raise SteeringError(
                 f"gate mode must be one of {', '.join(GATE_MODES)}, got {self.mode!r}."
             )
 
-    def check(self, sae: SparseAutoencoder) -> None:
+    @property
+    def needs_sae(self) -> bool:
+        """Whether the harm score reads SAE features (a probe gate needs no SAE)."""
+        return self.probe is None
+
+    def describe(self) -> str:
+        """E.g. ``prompt top-8 >= 0.1 on 10 harm features`` or ``prompt mean >= 0 on probe ...``."""
+        pool = ""
+        if self.mode == "prompt":
+            pool = " mean" if self.top_k is None else f" top-{self.top_k}"
+        on = (
+            f"harm probe {self.probe.fingerprint[7:19]}"
+            if self.probe is not None
+            else f"{len(self.features)} harm features"
+        )
+        return f"{self.mode}{pool} >= {self.threshold:g} on {on}"
+
+    def check(self, sae: SparseAutoencoder | None) -> None:
+        if self.probe is not None:
+            if sae is not None and sae.d_in != self.probe.d_model:
+                raise SteeringError(
+                    f"the gate's harm probe has width {self.probe.d_model} but the SAE's d_in "
+                    f"is {sae.d_in}; fit the probe on the SAE's layer."
+                )
+            return
+        if sae is None:
+            raise SteeringError("a gate on harm features needs the SAE they belong to.")
         _check_in_range(self.features, sae, "harm features")
 
-    def scores(self, h: Tensor, sae: SparseAutoencoder) -> Tensor:
-        """Harm score ``[B, T]`` of every position (SAE dtype)."""
+    def scores(self, h: Tensor, sae: SparseAutoencoder | None) -> Tensor:
+        """Harm score ``[B, T]`` of every position (SAE dtype; float32 for a probe)."""
+        if self.probe is not None:
+            return self.probe.scores(h)
+        assert sae is not None  # check() refuses a feature gate without an SAE
         return F.relu(feature_pre_acts(sae, h, self.features)).mean(dim=-1)
 
-    def prompt_score(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor:
+    def prompt_score(self, h: Tensor, sae: SparseAutoencoder | None, mask: Tensor) -> Tensor:
         """Harm score ``[B]`` of each row: the mean over its ``top_k`` highest-scoring
         ``mask`` positions (all of them when it has fewer, or when ``top_k`` is ``None``);
         0 for a row with none."""
@@ -253,11 +293,11 @@ class Gate:
         valid = torch.isfinite(vals)
         return vals.where(valid, 0.0).sum(dim=1) / valid.sum(dim=1).clamp_min(1).to(s.dtype)
 
-    def prompt_gate(self, h: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor:
+    def prompt_gate(self, h: Tensor, sae: SparseAutoencoder | None, mask: Tensor) -> Tensor:
         """``[B]`` bool: the prompt-mode decision for each row (closed if it has no position)."""
         return (self.prompt_score(h, sae, mask) >= self.threshold) & mask.any(dim=1)
 
-    def token_gate(self, h: Tensor, sae: SparseAutoencoder) -> Tensor:
+    def token_gate(self, h: Tensor, sae: SparseAutoencoder | None) -> Tensor:
         """``[B, T]`` bool: the token-mode decision at each position."""
         return self.scores(h, sae) >= self.threshold
 
@@ -303,13 +343,8 @@ class SteeringStrategy:
     def describe(self) -> str:
         """One line, e.g. ``calibrate target=2.5 on 12 features, gate prompt top-8 >= 0.1 on 4``."""
         out = f"{self.name} {self.strength_name}={self.strength:g} on {len(self.features)} features"
-        gate = self.gate
-        if gate is not None:
-            pool = f" top-{gate.top_k}" if gate.mode == "prompt" and gate.top_k is not None else ""
-            out += (
-                f", gate {gate.mode}{pool} >= {gate.threshold:g} on {len(gate.features)} harm "
-                "features"
-            )
+        if self.gate is not None:
+            out += f", gate {self.gate.describe()}"
         return out
 
     def check(self, sae: SparseAutoencoder | None, d_model: int | None = None) -> None:
@@ -335,7 +370,6 @@ class SteeringStrategy:
         self.check(sae)
         gate = self.gate
         if gate is not None:
-            assert sae is not None  # check() refuses a gate without an SAE
             if gate.mode == "token":
                 mask = mask & gate.token_gate(h, sae).to(mask.device)
             else:
@@ -545,7 +579,9 @@ class Ablate(Clamp):
 class DenseDirection(SteeringStrategy):
     """Add ``alpha * scale * u`` at every editable position, ``u`` the unit ``direction``.
 
-    Needs no SAE and steers no SAE features. ``direction`` (``[d_model]``, any norm) is, for
+    Needs no SAE (unless its ``gate`` reads SAE features) and steers no SAE features; a
+    conditional one takes a :class:`Gate`, typically a harm probe. ``direction``
+    (``[d_model]``, any norm) is, for
     the refusal-direction baseline, the difference of mean layer-L activations (harmful −
     benign prompts, :func:`steerlex.evaluate.tuning.refusal_direction`) and ``scale`` the mean
     residual norm there, so ``alpha`` is a fraction of a typical residual vector's length.
@@ -558,6 +594,7 @@ class DenseDirection(SteeringStrategy):
     direction: Tensor = field(compare=False, repr=False)
     scale: float = 1.0
     alpha: float = 0.0
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.direction, Tensor) or self.direction.dim() != 1:
@@ -576,7 +613,8 @@ class DenseDirection(SteeringStrategy):
         return replace(self, alpha=float(value))
 
     def describe(self) -> str:
-        return f"dense alpha={self.alpha:g} x mean residual norm {self.scale:.3g}"
+        out = f"dense alpha={self.alpha:g} x mean residual norm {self.scale:.3g}"
+        return out + (f", gate {self.gate.describe()}" if self.gate is not None else "")
 
     def _width(self, sae: SparseAutoencoder | None) -> tuple[int, str]:
         return self.direction.shape[0], "the direction's width"
@@ -590,6 +628,14 @@ class DenseDirection(SteeringStrategy):
                 raise SteeringError(
                     f"the direction has width {width} but the layer has {other}; compute it "
                     "on this model's layer."
+                )
+        if self.gate is not None:
+            self.gate.check(sae)
+            probe = self.gate.probe
+            if probe is not None and probe.d_model != width:
+                raise SteeringError(
+                    f"the gate's harm probe has width {probe.d_model} but the direction "
+                    f"{width}; fit both on the same layer."
                 )
 
     def _edit(
