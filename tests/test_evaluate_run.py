@@ -164,7 +164,10 @@ def test_conditional_defences_gate_on_the_probe_or_the_features(
 
 
 def test_ranked_features_are_measured_candidates_best_first(
-    tiny_loaded: LoadedModel, sources: dict[str, str], tmp_path: Path
+    tiny_loaded: LoadedModel,
+    sources: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     defences = [
         {"kind": "none"},
@@ -202,6 +205,16 @@ def test_ranked_features_are_measured_candidates_best_first(
         progress=False,
     )  # fmt: skip
     assert [e.effect for e in zero] == [0.0, 0.0]
+    # a rerun reads every margin from the cache: no forward pass, the same ranking
+    lines = (result.out / "cache" / "generations.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["kind"] == "rank" for x in lines) == 5 + 1  # candidates + base
+
+    def no_pass(*args: Any, **kw: Any) -> list[float]:
+        raise AssertionError("the ranking ran a forward pass on a rerun")
+
+    monkeypatch.setattr(ranking, "_margins", no_pass)
+    again_run = run_eval(cfg, loaded=tiny_loaded, sae=sae, progress=False, log=None)
+    assert again_run.scores["tuning"]["ranking"]["amplify-ranked"]["effects"] == effects
     bad = cfg_dict(sources, tmp_path / "bad", defences=[
         {"kind": "amplify", "top_n": 0, "strength": 1.0},
     ])  # fmt: skip

@@ -16,12 +16,14 @@ import inspect
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steerlex.evaluate.cache import EvalCache, cache_key
 from steerlex.models.chat import encode_prompt, has_chat_template, pad_id
 from steerlex.models.hooks import edit_residual
 from steerlex.steer.runtime import SteeredModel
@@ -121,15 +123,38 @@ def rank_by_refusal(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    cache: EvalCache | None = None,
+    context: dict[str, Any] | None = None,
 ) -> tuple[list[FeatureEffect], float]:
     """Every candidate's effect on the refusal margin of ``prompts`` (the first
     :data:`RANK_PROMPTS`), best first, and the unsteered mean margin.
-    ``strategy_of(feature)`` steers that feature alone."""
+    ``strategy_of(feature)`` steers that feature alone. With ``cache`` (the evaluation's),
+    each strategy's margins are kept under a key of the strategy, the prompts and
+    ``context`` (e.g. the SAE's fingerprint and the layer), so a rerun measures nothing
+    twice."""
     ps = list(prompts[:RANK_PROMPTS])
-    base = _margins(steered, None, ps, batch_size)
+
+    def margins(strategy: SteeringStrategy | None) -> list[float]:
+        if cache is None:
+            return _margins(steered, strategy, ps, batch_size)
+        payload = {
+            "strategy": repr(strategy),
+            "prompts": ps,
+            "answers": [REFUSAL, COMPLIANCE],
+            **(context or {}),
+        }
+        key = cache_key(cache.model_id, "rank", payload)
+        rec = cache.get(key)
+        if rec is not None:
+            return [float(v) for v in rec["value"]]
+        got = _margins(steered, strategy, ps, batch_size)
+        cache.put_many([{"key": key, "kind": "rank", "value": got}])
+        return got
+
+    base = margins(None)
     effects = []
     for f in tqdm(candidates, desc="rank features", unit="feature", disable=not progress):
-        got = _margins(steered, strategy_of(int(f)), ps, batch_size)
+        got = margins(strategy_of(int(f)))
         diff = sum(g - b for g, b in zip(got, base, strict=True)) / len(ps)
         effects.append(FeatureEffect(int(f), diff))
     effects.sort(key=lambda e: (-e.effect, e.id))

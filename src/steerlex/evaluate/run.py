@@ -176,8 +176,9 @@ class _EvalRun:
         self.rules = RuleJudge()
         self.runner = GenerationRunner(inputs.steered, self.cache, cfg.generation, self.rules)
         self.setup = EvalSetup(
-            cfg, loaded, inputs.sae, inputs.layer, sets, progress=progress, log=log
-        )
+            cfg, loaded, inputs.sae, inputs.layer, sets, progress=progress, log=log,
+            cache=self.cache,
+        )  # fmt: skip
         self.plan: EvalPlan = make_plan(inputs.defences, self.setup)
 
     def generate(self, total: int) -> Headlines:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from steerlex.core.errors import EvalError
+from steerlex.evaluate.cache import EvalCache
 from steerlex.evaluate.config import EvalConfig
 from steerlex.evaluate.ranking import (
     COMPLIANCE,
@@ -89,8 +90,10 @@ class EvalSetup:
         *,
         progress: bool = True,
         log: TextIO | None = sys.stderr,
+        cache: EvalCache | None = None,
     ) -> None:
         self.cfg = cfg
+        self.cache = cache
         self.loaded = loaded
         self.sae = sae
         self.layer = layer
@@ -303,6 +306,7 @@ class EvalSetup:
         effects, base = rank_by_refusal(
             steered, candidates, strategy_of, prompts,
             batch_size=self.cfg.generation.batch_size, progress=self.progress,
+            cache=self.cache, context={"sae": self.sae_id, "layer": self.layer},
         )  # fmt: skip
         kept = [e.id for e in effects if e.effect > 0] or [effects[0].id]
         self.info.setdefault("ranking", {})[label] = {
