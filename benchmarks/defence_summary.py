@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from steerlex.evaluate.scores import rate
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = {"relative_asr_reduction": 0.5, "extra_over_refusal": 0.05, "kl": 0.05}
-
-
-def _rate(m: Any) -> float | None:
-    return m.get("rate") if isinstance(m, dict) else None
 
 
 def _ci(m: Any) -> list[float] | None:
@@ -46,8 +44,8 @@ def point(row: dict[str, Any]) -> dict[str, Any]:
     fams = {
         fam: {
             "n": f["n"],
-            "asr": _rate(_get(f, "judge", "attack_success")),
-            "asr_rules": _rate(f["attack_success"]),
+            "asr": rate(f, "judge", "attack_success"),
+            "asr_rules": rate(f, "attack_success"),
         }
         for fam, f in (_get(m, "jailbreak", "families") or {}).items()
     }
@@ -55,18 +53,18 @@ def point(row: dict[str, Any]) -> dict[str, Any]:
         "name": row["defence"],
         "strength": row["strength"],
         "headline": row["headline"],
-        "asr": _rate(asr),
+        "asr": rate(m, "jailbreak", "judge", "attack_success"),
         "asr_ci": _ci(asr),
-        "asr_rules": _rate(_get(m, "jailbreak", "attack_success")),
-        "over_refusal": _rate(_get(m, "benign", "over_refusal")),
+        "asr_rules": rate(m, "jailbreak", "attack_success"),
+        "over_refusal": rate(m, "benign", "over_refusal"),
         "over_refusal_ci": _ci(_get(m, "benign", "over_refusal")),
-        "over_refusal_utility": _rate(_get(m, "utility", "over_refusal")),
-        "refusal_harmful": _rate(_get(m, "harmful", "refusal")),
-        "harmful_asr": _rate(_get(m, "harmful", "judge", "attack_success")),
+        "over_refusal_utility": rate(m, "utility", "over_refusal"),
+        "refusal_harmful": rate(m, "harmful", "refusal"),
+        "harmful_asr": rate(m, "harmful", "judge", "attack_success"),
         "kl": _get(m, "kl", "mean"),
-        "degeneration_benign": _rate(_get(m, "benign", "degeneration")),
+        "degeneration_benign": rate(m, "benign", "degeneration"),
         "families": fams,
-        "gate_open": {k: _rate(v) for k, v in (m.get("gate_open") or {}).items()},
+        "gate_open": {k: v["rate"] for k, v in (m.get("gate_open") or {}).items()},
     }
 
 

@@ -13,7 +13,6 @@ from steerlex.core.errors import ExplainError
 from steerlex.explain.metrics import (
     _add_rows,
     _last_logprobs,
-    _left_padded,
     _max_activations,
     _text_tokens,
     auroc,
@@ -22,6 +21,7 @@ from steerlex.explain.metrics import (
     output_faithfulness,
     word_token_ids,
 )
+from steerlex.models.chat import left_padded
 from steerlex.models.hooks import edit_residual, forward_to_layer
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
@@ -71,7 +71,7 @@ def test_mean_ci() -> None:
 def test_left_padding_matches_unpadded(tiny_loaded: LoadedModel) -> None:
     tok = tiny_loaded.tokenizer
     seqs = [tok.encode(p) for p in PROMPTS]
-    ids, mask, pos = _left_padded(seqs, tok.pad_token_id)
+    ids, mask, pos = left_padded(seqs, tok.pad_token_id)
     with torch.no_grad():
         batched = _last_logprobs(tiny_loaded.model, ids, mask, pos, LAYER, None)
         for i, s in enumerate(seqs):

@@ -14,7 +14,13 @@ from steerlex.evaluate.defences.base import Condition
 from steerlex.evaluate.generation import GenerationRunner
 from steerlex.evaluate.metrics import kl_per_position
 from steerlex.evaluate.sets import EvalPrompt
-from steerlex.models.chat import EncodedPrompt, encode_prompt, has_chat_template, pad_id
+from steerlex.models.chat import (
+    EncodedPrompt,
+    encode_prompt,
+    has_chat_template,
+    left_padded,
+    pad_id,
+)
 from steerlex.models.hooks import edit_residual
 from steerlex.steer.runtime import SteeredModel
 
@@ -43,22 +49,16 @@ def answer_logits(
     rows = [
         _encode_with_answer(tok, cond, p, a, chat) for p, a in zip(prompts, answers, strict=True)
     ]
-    width = max(len(seq) for _, seq in rows)
-    pad = pad_id(tok)
-    n = len(rows)
-    ids = torch.full((n, width), int(pad), dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
+    ids, attn, positions = left_padded([seq for _, seq in rows], pad_id(tok))
+    n, width = ids.shape
     editable = torch.zeros((n, width), dtype=torch.bool)
     prompt_part = torch.zeros((n, width), dtype=torch.bool)
     for i, (enc, seq) in enumerate(rows):
         off = width - len(seq)
-        ids[i, off:] = torch.tensor(seq)
-        attn[i, off:] = 1
         editable[i, off + enc.content_start :] = True
         prompt_part[i, off + enc.content_start : off + len(enc.input_ids)] = True
     device = loaded.device
-    ids, attn = ids.to(device), attn.to(device)
-    positions = (attn.cumsum(dim=-1) - 1).clamp_min(0)
+    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
     strategy, sae = cond.strategy, steered.sae
 
     def edit(h: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlex.evaluate.cache import EvalCache, cache_key
-from steerlex.models.chat import encode_prompt, has_chat_template, pad_id
+from steerlex.models.chat import encode_prompt, has_chat_template, left_padded, pad_id
 from steerlex.models.hooks import edit_residual
 from steerlex.steer.runtime import SteeredModel
 from steerlex.steer.strategies import SteeringStrategy
@@ -79,21 +79,20 @@ def _margins(
     out: list[float] = []
     for b0 in range(0, len(prompts), batch):
         enc = [encode_prompt(tok, p, chat=chat) for p in prompts[b0 : b0 + batch]]
-        width = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(enc), width), pad_id(tok), dtype=torch.long)
-        attn = torch.zeros((len(enc), width), dtype=torch.long)
+        ids, attn, pos = left_padded([e.input_ids for e in enc], pad_id(tok))
+        width = ids.shape[1]
         editable = torch.zeros((len(enc), width), dtype=torch.bool)
         for i, e in enumerate(enc):
-            off = width - len(e.input_ids)
-            ids[i, off:] = torch.tensor(e.input_ids)
-            attn[i, off:] = 1
-            editable[i, off + e.content_start :] = True
+            editable[i, width - len(e.input_ids) + e.content_start :] = True
         dev = loaded.device
-        ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(dim=-1) - 1).clamp_min(0)
+        ids, attn, pos = ids.to(dev), attn.to(dev), pos.to(dev)
         current["mask"] = editable
         with edit_residual(model, steered.layer, edit) if strategy else nullcontext():
-            first = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+            # only the last position's logits are read: the first opening token
+            first = model(
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
             logp = []
             for answer in answers:
                 n = len(answer)

@@ -15,7 +15,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-import torch
 from torch import Tensor
 
 from steerlex.core.errors import EvalError
@@ -32,11 +31,11 @@ from steerlex.evaluate.sets import EvalSets
 from steerlex.evaluate.tuning import (
     calibrate_gate,
     direction_fingerprint,
+    gate_means,
     gate_scores,
     refusal_direction,
     sae_fingerprint,
 )
-from steerlex.models.chat import prompt_residuals
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SparseAutoencoder
 from steerlex.steer.features import parse_feature_list
@@ -228,19 +227,6 @@ class EvalSetup:
             threshold = self.gate_threshold(harm)
         return Gate(harm, threshold, mode)
 
-    def _mean_residuals(self, texts: list[str]) -> list[Tensor]:
-        """Each prompt's mean layer output over its editable positions (the gate's)."""
-        out: list[Tensor] = []
-        for enc, h in prompt_residuals(
-            self.loaded, texts, self.layer, batch_size=self.cfg.generation.batch_size,
-            max_length=PROBE_MAX_LENGTH,
-        ):  # fmt: skip
-            for i, e in enumerate(enc):
-                rows = h[i, e.content_start : len(e.input_ids)]
-                if len(rows):
-                    out.append(rows.float().mean(dim=0).cpu())
-        return out
-
     def harm_probe(self) -> LinearProbe:
         """The logistic harm probe of the gate (fitted once, written to ``OUT/gate_probe.safetensors``):
         the selection split's tuning harmful prompts and jailbreaks against its tuning benign
@@ -254,9 +240,10 @@ class EvalSetup:
                 f"harm probe from {len(harmful)} harmful + {len(jailbreaks)} jailbreak vs "
                 f"{len(benign)} benign selection prompts at layer {self.layer}",
             )
-            with torch.no_grad():
-                pos = self._mean_residuals(harmful + jailbreaks)
-                neg = self._mean_residuals(benign)
+            kw = {"layer": self.layer, "batch_size": self.cfg.generation.batch_size,
+                  "max_length": PROBE_MAX_LENGTH}  # fmt: skip
+            pos = gate_means(self.loaded, harmful + jailbreaks, **kw)
+            neg = gate_means(self.loaded, benign, **kw)
             probe = fit_probe(
                 pos, neg, layer=self.layer, model=self.loaded.weights_id,
                 model_name=self.loaded.name,

@@ -1,5 +1,5 @@
 """What the defences are tuned with on the selection split: the refusal direction, the gate's
-harm scores and threshold, and the fingerprints that key cached generations by them."""
+harm scores and threshold, the harm probe's inputs, and the fingerprints that key cached generations by them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from steerlex.steer.strategies import Gate
 __all__ = [
     "calibrate_gate",
     "direction_fingerprint",
+    "gate_means",
     "gate_scores",
     "refusal_direction",
     "sae_fingerprint",
@@ -114,6 +115,29 @@ def gate_scores(
         with torch.no_grad():
             score = gate.prompt_score(h.to(dev, sae.W_enc.dtype), sae, editable.to(dev))
         out.extend(float(s) for s in score.cpu())
+    return out
+
+
+@torch.no_grad()
+def gate_means(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    layer: int,
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> list[Tensor]:
+    """Each chat-formatted prompt's mean layer-``layer`` output ``[d]`` (float32, CPU) over
+    the positions the prompt-mode gate reads (from the user's text to the end of the prompt;
+    :func:`gate_scores`), what the harm probe is fitted on. Prompts with none are skipped."""
+    out: list[Tensor] = []
+    for enc, h in prompt_residuals(
+        loaded, texts, layer, batch_size=batch_size, max_length=max_length
+    ):
+        for i, e in enumerate(enc):
+            rows = h[i, e.content_start : len(e.input_ids)]
+            if len(rows):
+                out.append(rows.float().mean(dim=0).cpu())
     return out
 
 

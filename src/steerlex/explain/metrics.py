@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from steerlex.core.errors import ExplainError
 from steerlex.explain import bias
 from steerlex.explain.bias import summarise
-from steerlex.models.chat import pad_id
+from steerlex.models.chat import left_padded, pad_id
 from steerlex.models.hooks import check_layer, edit_residual, forward_to_layer, residual_width
 
 __all__ = [
@@ -211,19 +211,6 @@ def word_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int | None]:
         ids = tokenizer.encode(" " + w.strip(), add_special_tokens=False)
         out.append(int(ids[0]) if ids else None)
     return out
-
-
-def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, position_ids)`` of left-padded sequences."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    pos = (mask.cumsum(dim=1) - 1).clamp_min(0)
-    return ids, mask, pos
 
 
 def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -429,7 +416,7 @@ def _edit_effects(
     """
     device = next(model.parameters()).device
     pad = pad_id(tok)
-    p_ids, p_mask, p_pos = (t.to(device) for t in _left_padded(seqs, pad))
+    p_ids, p_mask, p_pos = (t.to(device) for t in left_padded(seqs, pad))
     with torch.no_grad():
         clean = _last_logprobs(model, p_ids, p_mask, p_pos, layer, None)  # [P, V]
         scale = _residual_scale(model, p_ids, p_mask, layer)
@@ -660,7 +647,7 @@ def _steered_continuations(
 ) -> list[list[str]]:
     """Greedy continuations of every prompt with each row of ``deltas`` added: ``[F][P]``."""
     n_prompts = len(seqs)
-    ids, mask, _pos = _left_padded(seqs, pad)
+    ids, mask, _pos = left_padded(seqs, pad)
     ids, mask = ids.to(deltas.device), mask.to(deltas.device)
     out: list[list[str]] = []
     bar = tqdm(total=deltas.shape[0], desc="steered generations", disable=not progress)

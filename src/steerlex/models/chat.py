@@ -153,6 +153,22 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def left_padded(
+    seqs: Sequence[Sequence[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` of token sequences padded on the left
+    (real tokens end at the last column, so row ``i`` starts at ``width - len(seqs[i])``)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    pos = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    return ids, mask, pos
+
+
 def prompt_residuals(
     loaded: Any,
     texts: Sequence[str],
