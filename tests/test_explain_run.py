@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -131,12 +132,13 @@ def test_explain_metrics_and_neuronpedia_cli(
 
     assert main(["export-neuronpedia", "--sae", str(setup["sae"]), "--explanations", str(out),
                  "--model-id", "tiny", "--method", "mi"]) == 0  # fmt: skip
-    records = [json.loads(x) for x in (out / "neuronpedia.jsonl").read_text().splitlines()]
-    assert len(records) == 24
+    batch = out / "neuronpedia" / "tiny" / "1-steerlex-res-24" / "explanations" / "batch-0.jsonl.gz"
+    records = [json.loads(x) for x in gzip.decompress(batch.read_bytes()).splitlines()]
+    assert len(records) == 24  # tests/test_neuronpedia_export.py checks the whole export
     first = records[0]
-    assert first["modelId"] == "tiny" and first["layer"] == "1-steerlex-res-1k"
+    assert first["modelId"] == "tiny" and first["layer"] == "1-steerlex-res-24"
     assert first["index"] == "0" and first["typeName"] == "steerlex-mi"
-    assert first["explanationModelName"] == "none" and first["description"]
+    assert first["explanationModelName"] is None and first["description"]
 
 
 def test_read_explanations_errors(tmp_path: Path) -> None:

@@ -620,7 +620,15 @@ def test_missing_weights_file(saved: Path) -> None:
         load_sae(saved)
 
 
+def _as_written_elsewhere(saved: Path) -> None:
+    """Drop the tensors' sha256 from the config, as in an SAE another tool wrote."""
+    cfg = json.loads((saved / SAELENS_CFG).read_text())
+    del cfg["metadata"]["steerlex"]["tensors_sha256"]
+    (saved / SAELENS_CFG).write_text(json.dumps(cfg))
+
+
 def test_shape_mismatch_names_both_files(saved: Path) -> None:
+    _as_written_elsewhere(saved)
     weights = load_file(str(saved / SAELENS_WEIGHTS))
     weights["W_enc"] = torch.zeros(D_IN, D_SAE * 2)
     save_file(weights, str(saved / SAELENS_WEIGHTS))
@@ -641,6 +649,7 @@ def test_k_larger_than_d_sae(saved: Path) -> None:
 
 
 def test_invalid_json_and_nan_weights(saved: Path) -> None:
+    _as_written_elsewhere(saved)
     weights = load_file(str(saved / SAELENS_WEIGHTS))
     weights["b_enc"][0] = float("nan")
     save_file(weights, str(saved / SAELENS_WEIGHTS))

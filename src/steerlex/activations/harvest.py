@@ -37,7 +37,7 @@ from steerlex.activations.store import (
 )
 from steerlex.core.config import option
 from steerlex.core.errors import StoreError
-from steerlex.core.io import sha256_file, write_bytes_atomic
+from steerlex.core.io import LOCK_NAME, dir_lock, sha256_file, write_bytes_atomic
 from steerlex.models.chat import KEEP_CHOICES, EncodedPrompt, Keep, encode_prompt, has_chat_template
 from steerlex.models.hooks import check_layer, forward_to_layer, hook_name, residual_width
 from steerlex.models.loading import LoadedModel
@@ -270,10 +270,30 @@ def harvest(
     chat = has_chat_template(loaded.tokenizer) if options.chat is None else options.chat
     out_dir = Path(out)
     identity = _identity(loaded, texts, options, layer, chat)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StoreError(
+            f"The output path {out_dir} exists and is not a directory; choose another --out."
+        )
+    with dir_lock(out_dir, what="activation store", error=StoreError):
+        return _harvest_locked(
+            loaded, texts, out_dir, options, layer, chat, identity, progress, on_shard
+        )
+
+
+def _harvest_locked(
+    loaded: LoadedModel,
+    texts: Sequence[HasText],
+    out_dir: Path,
+    options: HarvestOptions,
+    layer: int,
+    chat: bool,
+    identity: dict[str, Any],
+    progress: bool,
+    on_shard: Callable[[int], None] | None,
+) -> ActivationStore:
+    """:func:`harvest` once ``out_dir`` is locked: the folder check, then the work."""
     existing = _check_out_dir(out_dir, identity)
     encoded, keep = _encode_texts(loaded.tokenizer, texts, options, chat)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     _write_texts(out_dir, texts)
     n_shards = -(-len(texts) // options.texts_per_shard)
     done = _finished_shards(out_dir, existing)
@@ -298,15 +318,9 @@ def harvest(
 
 def _check_out_dir(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     """Return the existing index if it matches ``identity``; refuse to mix otherwise."""
-    if not out_dir.exists():
-        return None
-    if not out_dir.is_dir():
-        raise StoreError(
-            f"The output path {out_dir} exists and is not a directory; choose another --out."
-        )
     index = read_index(out_dir)
     if index is None:
-        if any(out_dir.iterdir()):
+        if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
             raise StoreError(
                 f"The output directory {out_dir} is not empty and holds no activation store; "
                 "choose an empty or new directory for --out."

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from steerlex.core.errors import StoreError
 from steerlex.core.io import atomic_path, read_json_object, sha256_file, write_json_atomic
+from steerlex.models.cache import cached_sha256
 
 INDEX = "index.json"
 TEXTS = "texts.jsonl"
@@ -159,13 +160,31 @@ class ActivationStore:
             ) from exc
 
     def verify(self) -> list[str]:
-        """Files whose sha256 does not match the index (empty when all are sound)."""
+        """Files whose sha256 does not match the index (empty when all are sound).
+
+        Each file is hashed once: the digest is memoised by path, size and mtime in the
+        steerlex cache (:func:`~steerlex.models.cache.cached_sha256`), so checking an
+        unchanged store again costs one ``stat`` per shard."""
         bad = []
         for info in self.shards:
             path = self.directory / info.file
-            if not path.is_file() or sha256_file(path) != info.sha256:
+            if not path.is_file() or cached_sha256(path) != info.sha256:
                 bad.append(info.file)
         return bad
+
+    def require_intact(self) -> None:
+        """Raise :class:`StoreError` naming every missing or changed shard (see
+        :meth:`verify`) and how to rebuild them."""
+        bad = self.verify()
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise StoreError(
+                f"The activation store {self.directory} is damaged: {shown} "
+                f"{'is' if len(bad) == 1 else 'are'} missing or no longer match the sha256 in "
+                f"{INDEX}. Rebuild {'it' if len(bad) == 1 else 'them'} by rerunning the same "
+                "`steerlex harvest` command (finished, sound shards are kept), or pass "
+                "--no-verify to use the store as it is."
+            )
 
     def iter_shards(
         self, max_tokens: int | None = None

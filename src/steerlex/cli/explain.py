@@ -41,7 +41,16 @@ def cmd_explain_metrics(args: argparse.Namespace) -> int:
 
 def cmd_export_neuronpedia(args: argparse.Namespace) -> int:
     r = export_neuronpedia_job(config_from_args(NeuronpediaConfig, args), context_from_args(args))
-    print(f"{r.records} Neuronpedia explanation records ({r.model_id} / {r.source_id}) -> {r.path}")
+    print(
+        f"Neuronpedia export of {r.model_id} / {r.source_id}: {r.features} features, "
+        f"{r.explanations} explanations, {r.activations} activations -> {r.path}"
+    )
+    if r.note:
+        print(r.note)
+    print(
+        f"{r.root} is laid out like Neuronpedia's dataset bucket v1/; to import it, see "
+        "docs/formats.md#neuronpedia-export"
+    )
     return 0
 
 
@@ -64,7 +73,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_explain_metrics)
 
     p = sub.add_parser(
-        "export-neuronpedia", help="write explanations in Neuronpedia's explanation schema (JSONL)"
+        "export-neuronpedia",
+        help="write features, explanations and TopAct examples as a Neuronpedia dataset export",
     )
     add_options(p, NeuronpediaConfig)
+    add_quiet(p)
     p.set_defaults(func=cmd_export_neuronpedia)

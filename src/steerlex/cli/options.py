@@ -9,6 +9,7 @@ with :func:`config_from_args`. Nothing about an option is typed twice.
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ __all__ = [
     "add_quiet",
     "config_from_args",
     "context_from_args",
+    "finite_float",
     "flag_name",
     "given_options",
     "print_table",
@@ -33,6 +35,18 @@ T = TypeVar("T")
 def flag_name(info: OptionInfo) -> str:
     """``--max-length`` for the option ``max_length``."""
     return "--" + info.flag.replace("_", "-")
+
+
+def finite_float(text: str) -> float:
+    """The type of every float flag: a number, NaN and infinities refused (argparse prints
+    the flag's name with the message and exits with status 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -90,7 +104,8 @@ def add_options(
             (elem,) = typing.get_args(base)
             elem_base, _ = _base_type(elem)
             choices = _choices(info, elem_base)
-            kw.update(type=str if typing.get_origin(elem_base) is typing.Literal else elem_base)
+            elem_type = str if typing.get_origin(elem_base) is typing.Literal else elem_base
+            kw.update(type=finite_float if elem_type is float else elem_type)
             kw.update(action="append" if info.repeat else "store", default=None)
             if not info.repeat:
                 kw["nargs"] = "+"
@@ -99,7 +114,7 @@ def add_options(
         else:
             choices = _choices(info, base)
             simple = base if base in (int, float, str) else str
-            kw.update(type=simple, default=info.default)
+            kw.update(type=finite_float if simple is float else simple, default=info.default)
             if choices is not None:
                 kw["choices"] = choices
         if overrides:

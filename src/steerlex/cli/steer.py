@@ -20,6 +20,7 @@ from steerlex.jobs.steer import (
     serve_job,
     steered_model,
 )
+from steerlex.models.chat import check_text, undecodable
 from steerlex.steer.runtime import SteeredModel, SteeringReport
 from steerlex.steer.server import API_KEY_ENV
 
@@ -94,9 +95,21 @@ def _chat_command(line: str, steered: SteeredModel) -> bool:
     return True
 
 
+def _read_bytes_as_escapes() -> None:
+    """Read stdin with ``surrogateescape``: a line that is not UTF-8 then arrives with its bad
+    bytes kept (``check_text`` names them) instead of failing to decode, which would lose the
+    whole buffered chunk of input."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None and getattr(sys.stdin, "errors", None) == "strict":
+        reconfigure(errors="surrogateescape")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     cfg = config_from_args(ChatConfig, args)
+    if cfg.system is not None:
+        check_text(cfg.system, "--system", SteeringError)
     steered, labels = steered_model(cfg, context_from_args(args))
+    _read_bytes_as_escapes()
     base: list[dict[str, str]] = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(base)
     print(f"steering {'on' if steered.enabled else 'off'}: {steered.describe()}")
@@ -107,7 +120,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except EOFError:
             print()
             break
+        except UnicodeDecodeError as exc:  # a stdin that could not be switched to escapes
+            raise SteeringError(
+                f"standard input is not valid UTF-8 ({exc}); type or pipe UTF-8 text (in a "
+                "terminal, use a UTF-8 locale such as LANG=C.UTF-8)."
+            ) from None
         if not line:
+            continue
+        bad = undecodable(line)
+        if bad is not None:
+            print(
+                f"error: your message is not valid UTF-8 text: {bad}; it was not sent. Type it "
+                "again as UTF-8 (in a terminal, use a UTF-8 locale such as LANG=C.UTF-8)."
+            )
             continue
         if line.startswith("/"):
             if not _chat_command(line, steered):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -214,6 +215,8 @@ def _coerce(value: Any, tp: Any, path: str, error: type[SteerlexError]) -> Any:
             return value
         raise bad
     if origin in (typing.Union, types.UnionType):
+        if float in typing.get_args(tp) and isinstance(value, float) and not math.isfinite(value):
+            raise error(f"Config key '{path}' must be a finite number, got {value}.")
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, path, error)
@@ -260,6 +263,8 @@ def _coerce(value: Any, tp: Any, path: str, error: type[SteerlexError]) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON's NaN / Infinity, as Python's json reads them
+                raise error(f"Config key '{path}' must be a finite number, got {value}.")
             return float(value)
         raise bad
     if tp is str:
@@ -302,7 +307,8 @@ def _refuse_owned(cls: type, data: dict[str, Any], prefix: str, error: type[Stee
 def build_strict(cls: type[T], data: dict[str, Any], path: str, error: type[SteerlexError]) -> T:
     """The dataclass ``cls`` from ``data``, nested dataclasses and typed lists included; an
     unknown key, a wrong type, a value outside an option's choices or a missing required key
-    raises ``error`` naming the full key path (``path`` prefixes every name). A nested
+    raises ``error`` naming the full key path (``path`` prefixes every name); so does a NaN
+    or infinite number (Python's JSON reader accepts ``NaN`` and ``Infinity``). A nested
     section given in part keeps the defaults of its other keys; a key a :func:`section` owns
     raises."""
     _refuse_owned(cls, data, f"{path}." if path else "", error)

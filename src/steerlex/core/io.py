@@ -1,17 +1,28 @@
-"""Files written atomically and JSON read with clear errors.
+"""Files written atomically, directories locked while written, JSON read with clear errors.
 
 Everything steerlex writes that a later run could trust goes to a temporary name beside
 the target, is fsynced and is renamed into place, so a killed process never leaves a
-half-written file behind.
+half-written file behind. The file gets the mode a plain ``open()`` would give it (``0o666``
+less the umask), not the private ``0o600`` of a temporary file.
+
+A directory that a long job writes (an activation store, an SAE training directory, a run
+directory) is held with :func:`dir_lock` for the whole job: an exclusive ``flock`` on
+``DIR/.steerlex.lock``, which records who holds it, so a second writer fails at once with
+an error naming the holder instead of racing the first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +30,10 @@ from typing import Any
 from steerlex.core.errors import SteerlexError
 
 __all__ = [
+    "LOCK_NAME",
     "atomic_path",
+    "dir_lock",
+    "file_mode",
     "read_json_object",
     "sha256_file",
     "write_bytes_atomic",
@@ -27,6 +41,17 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 22
+LOCK_NAME = ".steerlex.lock"
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (or ``mkdir()`` when ``directory``) would give a new file now:
+    ``0o666`` (``0o777``) less the process's umask."""
+    with _UMASK_LOCK:  # reading the umask means setting it; no other thread may see the 0
+        mask = os.umask(0)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def sha256_file(path: Path) -> str:
@@ -81,7 +106,46 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path, *, what: str, error: type[SteerlexError]) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created if missing) while the block runs.
+
+    Another process holding it (or this one, through another ``dir_lock``) makes this raise
+    ``error`` at once, naming ``what``, the directory and the holder (pid, host, command,
+    since when). The lock is an ``flock`` on ``DIR/.steerlex.lock``: the kernel releases it
+    when the holder exits, however it exits, so a killed job never leaves a stale lock.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise error(
+            f"Cannot create or lock the {what} {directory} ({exc.strerror or exc}); choose a "
+            "directory you can write."
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise error(
+                f"The {what} {directory} is being written by another steerlex process "
+                f"({holder}); wait for it to finish, or choose another directory."
+            ) from None
+        since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        info = f"pid {os.getpid()} on {socket.gethostname()}, since {since}: {' '.join(sys.argv)}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info[:4000].encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # an unheld lock names no one (and a store's bytes repeat)
+    finally:
+        os.close(fd)  # releases the flock

@@ -5,6 +5,6 @@ Use :func:`load_texts` for any source and :func:`named_sets` to list the named o
 
 from steerlex.data.named import NamedSetInfo, named_sets
 from steerlex.data.sources import load_texts
-from steerlex.data.textset import TextItem, TextSet
+from steerlex.data.textset import BlankTextsWarning, TextItem, TextSet
 
-__all__ = ["NamedSetInfo", "TextItem", "TextSet", "load_texts", "named_sets"]
+__all__ = ["BlankTextsWarning", "NamedSetInfo", "TextItem", "TextSet", "load_texts", "named_sets"]

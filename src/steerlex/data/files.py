@@ -96,7 +96,8 @@ def read_csv(text: str, where: str) -> tuple[list[str], list[tuple[int, dict[str
 def load_file(path: Path, *, column: str | None, limit: int | None) -> TextSet:
     """Load a local file as a :class:`TextSet` named after the path.
 
-    * ``.txt``: one text per line; blank lines skipped, surrounding whitespace stripped.
+    * ``.txt``: one text per line, surrounding whitespace stripped; empty lines skipped,
+      lines of whitespace only dropped with a warning (as blank texts of the other formats).
     * ``.jsonl``: one JSON string or object per line.
     * ``.json``: a list of strings or a list of objects.
     * ``.csv``: a header row, then one text per row.
@@ -131,6 +132,7 @@ def load_file(path: Path, *, column: str | None, limit: int | None) -> TextSet:
         items = [
             TextItem(text=line.strip(), id=f"file:{lineno}", source=where, meta={})
             for lineno, line in enumerate(split_lines(text), 1)
+            if line
         ]
     elif suffix == ".jsonl":
         items = items_from_records(

@@ -3,13 +3,16 @@
 Promises:
 
 * A :class:`TextSet` returned by a loader is never empty and holds no item whose text is
-  empty or whitespace only.
+  empty or whitespace only. Such texts are dropped with a :class:`BlankTextsWarning` that
+  says how many (and :attr:`TextSet.dropped` counts them); a source of nothing else is
+  refused.
 * Item order is the order of the source; ``limit`` keeps a prefix of it.
 * ``meta`` values are always strings.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +20,10 @@ from steerlex.core.errors import SourceError
 
 DEFAULT_COLUMNS: tuple[str, ...] = ("text", "prompt", "goal", "Behavior", "question")
 """Columns tried in this order when a tabular source is loaded without ``column=``."""
+
+
+class BlankTextsWarning(UserWarning):
+    """A source held texts that are empty or whitespace only; they were dropped."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,13 @@ class TextItem:
 
 @dataclass(frozen=True)
 class TextSet:
-    """An ordered, named collection of :class:`TextItem` with a human-readable provenance."""
+    """An ordered, named collection of :class:`TextItem` with a human-readable provenance.
+    ``dropped``: how many texts of the source were dropped as empty or whitespace only."""
 
     name: str
     items: tuple[TextItem, ...]
     provenance: str
+    dropped: int = 0
 
     def texts(self) -> list[str]:
         """The item texts, in order."""
@@ -155,16 +164,28 @@ def items_from_records(
 def finish_set(
     name: str, items: Iterable[TextItem], provenance: str, *, limit: int | None, where: str
 ) -> TextSet:
-    """Drop items with blank text, keep the first ``limit``, and build the :class:`TextSet`.
+    """Drop items with blank text (saying how many, with a :class:`BlankTextsWarning`), keep
+    the first ``limit``, and build the :class:`TextSet`.
 
     Raises :class:`SourceError` naming ``where`` when no non-blank text is left.
     """
+    items = list(items)
     kept = tuple(item for item in items if item.text.strip())
+    blank = [item.id for item in items if not item.text.strip()]
     if not kept:
+        found = f" (all {len(blank)} are empty or whitespace only)" if blank else ""
         raise SourceError(
-            f"{where} contains no non-empty texts. Check that the file or column holds "
+            f"{where} contains no non-empty texts{found}. Check that the file or column holds "
             "the texts you meant to load."
+        )
+    if blank:
+        shown = ", ".join(blank[:5]) + (", ..." if len(blank) > 5 else "")
+        warnings.warn(
+            f"{where}: dropped {len(blank)} of {len(items)} texts that are empty or whitespace "
+            f"only ({shown}); kept {len(kept)}.",
+            BlankTextsWarning,
+            stacklevel=2,
         )
     if limit is not None:
         kept = kept[:limit]
-    return TextSet(name=name, items=kept, provenance=provenance)
+    return TextSet(name=name, items=kept, provenance=provenance, dropped=len(blank))

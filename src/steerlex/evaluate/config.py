@@ -16,6 +16,7 @@ from steerlex.core.config import (
     section,
 )
 from steerlex.core.errors import EvalError, SteerlexError
+from steerlex.core.paths import check_output_dir, check_output_file
 from steerlex.evaluate.defences.base import DEFENCES, option_names
 from steerlex.evaluate.sets import SourceSpec
 from steerlex.judges.base import JudgeConfig
@@ -237,6 +238,38 @@ class EvalConfig:
     judge: JudgeConfig = section(
         JudgeConfig, help="the harm judge (the rules judge runs beside it)"
     )
+
+    def validate(self) -> None:
+        """What can be checked before a model or an SAE is loaded: the decoding settings,
+        the sizes and the output paths. (The defences are checked by
+        :func:`~steerlex.evaluate.plan.plan_defences`, the feature ids against the SAE by
+        :func:`~steerlex.evaluate.plan.check_feature_specs`.) A dry run checks the same."""
+        g = self.generation
+        for key, flag, value in (
+            ("generation.max_new_tokens", "--max-new-tokens", g.max_new_tokens),
+            ("generation.batch_size", "--batch-size", g.batch_size),
+            ("feature_top_n", "--feature-top-n", self.feature_top_n),
+            ("tuning_max_length", "--tuning-max-length", self.tuning_max_length),
+        ):
+            if value < 1:
+                raise EvalError(f"Config key '{key}' (CLI {flag}) must be at least 1, got {value}.")
+        if g.do_sample and not g.temperature > 0:
+            raise EvalError(
+                f"Config key 'generation.temperature' must be > 0 when sampling, got "
+                f"{g.temperature}."
+            )
+        if g.do_sample and not 0 < g.top_p <= 1:
+            raise EvalError(
+                f"Config key 'generation.top_p' must be in (0, 1] when sampling, got {g.top_p}."
+            )
+        if not 0 <= self.max_overrefusal_increase <= 1:
+            raise EvalError(
+                "Config key 'max_overrefusal_increase' (CLI --max-overrefusal-increase) must be "
+                f"a share between 0 and 1, got {self.max_overrefusal_increase}."
+            )
+        check_output_dir(self.out, "--out", EvalError)
+        if self.cache:
+            check_output_file(self.cache, "--cache", EvalError)
 
 
 def default_defences(with_sae: bool) -> list[DefenceConfig]:

@@ -5,6 +5,7 @@ strength of each defence chosen on the selection split."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ from steerlex.evaluate.generation import GenerationRunner, Job
 from steerlex.evaluate.scores import choose_strength, condition_metrics, rate
 from steerlex.evaluate.sets import EvalPrompt, EvalSets
 from steerlex.evaluate.setup import EvalSetup
+from steerlex.sae.base import SparseAutoencoder
+from steerlex.steer.features import parse_feature_list
+from steerlex.steer.strategies import check_feature_ids
 
 __all__ = [
     "PREFILL_ESTIMATE",
@@ -23,6 +27,7 @@ __all__ = [
     "Estimate",
     "EvalPlan",
     "Headlines",
+    "check_feature_specs",
     "choose_headlines",
     "make_plan",
     "plan_defences",
@@ -82,6 +87,32 @@ def plan_defences(cfg: EvalConfig, *, with_sae: bool) -> list[DefenceConfig]:
         _check_strengths(d, kind, where)
         kind.validate(d, where)
     return defences
+
+
+def check_feature_specs(
+    cfg: EvalConfig, defences: Sequence[DefenceConfig], sae: SparseAutoencoder | None
+) -> None:
+    """Every feature list the evaluation steers or gates with (the top-level ``features`` and
+    ``harm_features``, and each defence's own) read and checked as the steering checks them
+    when it builds a condition: integer ids, each once, and with an SAE each below its
+    ``d_sae``. Done before a model is loaded, so a dry run refuses what the run would."""
+    specs: list[tuple[str, str | list[int] | None]] = [
+        ("features", cfg.features),
+        ("harm_features", cfg.harm_features),
+    ]
+    for i, d in enumerate(defences):
+        for key in ("features", "harm_features"):
+            specs.append((f"defences[{i}] ({d.label}).{key}", getattr(d.options, key, None)))
+    for what, spec in specs:
+        if spec is None:
+            continue
+        if isinstance(spec, list):
+            if not spec:
+                raise EvalError(f"Config key '{what}' is an empty list; give feature ids.")
+            ids: Sequence[int] = spec
+        else:
+            ids = parse_feature_list(spec, what=what, sae=sae).ids
+        check_feature_ids(ids, sae, what)
 
 
 # --------------------------------------------------------------------------- the plan

@@ -43,6 +43,7 @@ from steerlex.evaluate.plan import (
     Estimate,
     EvalPlan,
     Headlines,
+    check_feature_specs,
     choose_headlines,
     estimate,
     make_plan,
@@ -109,9 +110,11 @@ def load_inputs(
 ) -> EvalInputs:
     """The model, SAE, layer, defences and judge of ``cfg`` (the given ones are used as they
     are). Everything that can fail on the config fails here, before any generation."""
+    cfg.validate()
     if sae is None and cfg.sae:
         sae = load_sae(cfg.sae, device=cfg.device)
     defences = plan_defences(cfg, with_sae=sae is not None)
+    check_feature_specs(cfg, defences, sae)
     if loaded is None:
         spec = cfg.model or (sae.cfg.model_spec if sae is not None else None) or DEFAULT_MODEL
         say(log, f"loading {spec} ...")

@@ -5,12 +5,17 @@ in: ``mi`` and ``paper``, output-side mutual information, docs/mi.md; ``mi-input
 input side, docs/mi_input.md; ``logitlens``; ``topact``, the corpus-based baseline).
 Each output line is one :class:`Explanation`:
 ``{"feature": c, "method": m, "words": [...], "scores": [...], "summary": null}``.
+
+The ``neuronpedia_*`` functions turn explanations (and TopAct spans) into rows of
+Neuronpedia's database tables for ``steerlex export-neuronpedia`` (docs/formats.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,15 +25,29 @@ from steerlex.activations.store import ActivationStore
 from steerlex.core.errors import ExplainError
 from steerlex.core.io import write_bytes_atomic, write_json_atomic
 from steerlex.explain.method import Explanation, MethodOptions, get_method, method_names
+from steerlex.explain.topact import Span
 from steerlex.explain.vocabulary import Vocabulary
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SparseAutoencoder
 from steerlex.sae.compat import check_sae_fits
 
 __all__ = [
+    "NEURONPEDIA_AUTHOR_ID",
+    "NEURONPEDIA_BATCH",
     "Explanation",
+    "check_neuronpedia_id",
     "explain_sae",
+    "neuronpedia_activation_rows",
+    "neuronpedia_feature_rows",
+    "neuronpedia_model_id",
+    "neuronpedia_model_type_row",
     "neuronpedia_records",
+    "neuronpedia_row_id",
+    "neuronpedia_source_id",
+    "neuronpedia_source_rows",
+    "neuronpedia_source_set",
+    "neuronpedia_type_rows",
+    "neuronpedia_width",
     "read_explanations",
     "read_method_files",
     "write_explanations",
@@ -157,39 +176,312 @@ def read_method_files(
     return {m: read_explanations(d / f"{m}.jsonl") for m in wanted}
 
 
+# --------------------------------------------------------------------------- Neuronpedia
+#
+# Rows for the tables of Neuronpedia's database, in the form its importer reads
+# (docs/formats.md, "Neuronpedia export"). The facts are from hijohnnylin/neuronpedia at
+# commit ebb8426f: apps/webapp/prisma/schema.prisma (the tables, which fields are required)
+# and apps/webapp/lib/db/import.ts (a raw ``INSERT ... SELECT FROM jsonb_to_recordset``
+# over the columns named by the first row of a batch file: Prisma's client-side
+# ``@default(cuid())`` never runs, so every row carries its own ``id``, and every row of a
+# file has the same keys).
+
+NEURONPEDIA_AUTHOR_ID = "clkht01d40000jv08hvalcvly"
+"""The bot user that Neuronpedia's ``prisma/seed.ts`` creates. It is the webapp's
+``DEFAULT_CREATOR_USER_ID`` and one of its ``PUBLIC_ACTIVATIONS_USER_IDS`` (activations
+other users created are not shown), so rows it owns import into a fresh instance and show."""
+
+NEURONPEDIA_BATCH = 1024
+"""Rows (features, explanations) or features (activations) per ``batch-N.jsonl.gz``, as in
+Neuronpedia's own ``utils/neuronpedia-utils/neuronpedia_utils/export-data.py``."""
+
+_NP_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+_NP_WIDTH_UNITS = ((1_000_000, 1 << 20, "m"), (1000, 1024, "k"))
+
+
+def neuronpedia_width(d_sae: int) -> str:
+    """Neuronpedia's label of an SAE width: ``16k`` for 16384 latents, ``65k`` for 65536,
+    ``1m`` for 2**20 (Gemma Scope's convention: thousands or millions, rounded down).
+
+    Only whole multiples of 1000 or 1024 (10**6 or 2**20 for ``m``) get a unit; any other
+    width is written out (``512``, ``1536``), so a small SAE is never labelled ``1k``.
+    """
+    if isinstance(d_sae, bool) or not isinstance(d_sae, int) or d_sae < 1:
+        raise ExplainError(f"An SAE width must be a positive integer, got {d_sae!r}.")
+    for unit, binary, suffix in _NP_WIDTH_UNITS:
+        if d_sae >= unit and (d_sae % unit == 0 or d_sae % binary == 0):
+            return f"{d_sae // unit}{suffix}"
+    return str(d_sae)
+
+
+def neuronpedia_source_id(layer: int, d_sae: int, set_name: str = "steerlex-res") -> str:
+    """The default Neuronpedia source (SAE) id: ``<layer>-<set>-<width>``, e.g.
+    ``8-steerlex-res-2k``; the part after the layer is the source set."""
+    return f"{int(layer)}-{set_name}-{neuronpedia_width(d_sae)}"
+
+
+def neuronpedia_source_set(source_id: str) -> str:
+    """The source set of a Neuronpedia source id: the text after ``<layer>-`` and before
+    an optional ``__<extra>`` (Neuronpedia's ``getSourceSetNameFromSource``).
+
+    Raises:
+        ExplainError: an id that is not ``<layer>-<set>[__<extra>]`` with an integer layer
+            (or ``e``, the embedding), or that holds characters other than letters,
+            digits, ``.``, ``_`` and ``-``.
+    """
+    layer, _, rest = source_id.partition("-")
+    set_name = rest.split("__")[0]
+    if not _NP_ID.match(source_id) or not (layer.isdigit() or layer == "e") or not set_name:
+        raise ExplainError(
+            f"The Neuronpedia source id {source_id!r} must be <layer>-<source set>, e.g. "
+            "8-steerlex-res-2k (letters, digits, '.', '_' and '-')."
+        )
+    return set_name
+
+
+def neuronpedia_model_id(spec: str) -> str:
+    """A Neuronpedia model id from a steerlex model spec: the model's own name (the
+    hub repo's, the directory's or the GGUF file's), lower-cased, with any character
+    other than letters, digits, ``.``, ``_`` and ``-`` turned into ``-``."""
+    name = spec.strip().removeprefix("embedded:").rstrip("/\\")
+    name = re.split(r"[/\\]", name)[-1]
+    if name.lower().endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-")
+    if not name:
+        raise ExplainError(f"Cannot make a Neuronpedia model id from {spec!r}; pass --model-id.")
+    return name
+
+
+def check_neuronpedia_id(value: str, what: str) -> str:
+    """``value`` when it is usable as one URL path segment of Neuronpedia, else ExplainError."""
+    if not _NP_ID.match(value or ""):
+        raise ExplainError(
+            f"The Neuronpedia {what} {value!r} may hold only letters, digits, '.', '_' and '-'."
+        )
+    return value
+
+
+def neuronpedia_row_id(*parts: object) -> str:
+    """A stable row id: ``c`` and 24 hex digits of the sha256 of ``parts`` (shaped like the
+    cuids Neuronpedia's schema declares, so its ``z.string().cuid()`` checks accept it)."""
+    key = "\x1f".join(str(p) for p in parts)
+    return "c" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def neuronpedia_records(
     explanations: Sequence[Explanation],
     *,
     model_id: str,
     source_id: str,
+    author_id: str = NEURONPEDIA_AUTHOR_ID,
     explanation_model: str | None = None,
     n_words: int = 10,
 ) -> list[dict[str, Any]]:
-    """One record per explanation in Neuronpedia's explanation schema.
+    """Rows of Neuronpedia's ``Explanation`` table, one per explanation with words.
 
     ``description`` is the summary when there is one, else the first ``n_words`` words;
-    ``typeName`` names the method (``steerlex-mi``, ``steerlex-topact``, ...);
-    ``explanationModelName`` is the summary back end, or ``"none"`` for bare word lists.
-    ``source_id`` is Neuronpedia's SAE id within the model, e.g. ``8-steerlex-res-4k``.
+    ``typeName`` names the method (``steerlex-mi``, ...; rows of ``ExplanationType`` from
+    :func:`neuronpedia_type_rows`); ``explanationModelName`` is ``explanation_model`` for
+    a summary written by an LLM, else null. ``id`` is :func:`neuronpedia_row_id` of model,
+    source, feature and method. ``embedding`` is null and the ``umap_*`` columns hold the
+    database's defaults (0): steerlex computes neither.
     """
     if not model_id or not source_id:
         raise ExplainError("neuronpedia_records needs a model_id and a source_id.")
     out = []
     for e in explanations:
         if e.summary:
-            description, author = e.summary, explanation_model or "unknown"
+            description, llm = e.summary, explanation_model or None
         else:
-            description, author = ", ".join(e.words[:n_words]), "none"
+            description, llm = ", ".join(e.words[:n_words]), None
         if not description:
             continue
+        index = str(e.feature)
         out.append(
             {
+                "id": neuronpedia_row_id("explanation", model_id, source_id, index, e.method),
                 "modelId": model_id,
                 "layer": source_id,
-                "index": str(e.feature),
+                "index": index,
                 "description": description,
+                "authorId": author_id,
                 "typeName": f"steerlex-{e.method}",
-                "explanationModelName": author,
+                "explanationModelName": llm,
+                "embedding": None,
+                "umap_x": 0.0,
+                "umap_y": 0.0,
+                "umap_cluster": 0,
+                "umap_log_feature_sparsity": 0.0,
             }
         )
     return out
+
+
+def neuronpedia_activation_rows(
+    spans: Mapping[int, Sequence[Span]],
+    *,
+    model_id: str,
+    source_id: str,
+    author_id: str = NEURONPEDIA_AUTHOR_ID,
+) -> list[dict[str, Any]]:
+    """Rows of Neuronpedia's ``Activation`` table from TopAct spans
+    (:func:`steerlex.explain.topact.top_activations` with a tokenizer and per-token
+    activations): ``tokens`` and ``values`` of the window, ``maxValue`` and
+    ``maxValueTokenIndex`` (its first maximum), ``minValue``; features in id order, each
+    feature's spans best first.
+
+    Raises:
+        ExplainError: a span without decoded tokens or per-token activations.
+    """
+    out = []
+    for feature in sorted(spans):
+        for sp in spans[feature]:
+            if sp.tokens is None or sp.activations is None:
+                raise ExplainError(
+                    f"A TopAct span of feature {feature} has no decoded tokens or per-token "
+                    "activations; call top_activations with a tokenizer and span_activations."
+                )
+            values = [float(v) for v in sp.activations]
+            if len(values) != len(sp.tokens) or not values:
+                raise ExplainError(
+                    f"A TopAct span of feature {feature} has {len(sp.tokens)} tokens but "
+                    f"{len(values)} activations."
+                )
+            top = max(values)
+            index = str(feature)
+            out.append(
+                {
+                    "id": neuronpedia_row_id(
+                        "activation", model_id, source_id, index, sp.text_index, sp.position
+                    ),
+                    "modelId": model_id,
+                    "layer": source_id,
+                    "index": index,
+                    "tokens": list(sp.tokens),
+                    "values": values,
+                    "maxValue": top,
+                    "maxValueTokenIndex": values.index(top),
+                    "minValue": min(values),
+                    "creatorId": author_id,
+                }
+            )
+    return out
+
+
+def neuronpedia_feature_rows(
+    d_sae: int,
+    *,
+    model_id: str,
+    source_id: str,
+    author_id: str = NEURONPEDIA_AUTHOR_ID,
+    max_activation: Mapping[int, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of Neuronpedia's ``Neuron`` table: one per latent ``0..d_sae-1`` (explanations
+    and activations refer to them), ``maxActApprox`` from ``max_activation`` (0 without)."""
+    acts = max_activation or {}
+    set_name = neuronpedia_source_set(source_id)
+    return [
+        {
+            "modelId": model_id,
+            "layer": source_id,
+            "index": str(c),
+            "sourceSetName": set_name,
+            "creatorId": author_id,
+            "maxActApprox": float(acts.get(c, 0.0)),
+            "hasVector": False,
+        }
+        for c in range(d_sae)
+    ]
+
+
+def neuronpedia_type_rows(
+    methods: Sequence[str], *, author_id: str = NEURONPEDIA_AUTHOR_ID, creator_name: str
+) -> list[dict[str, Any]]:
+    """Rows of Neuronpedia's ``ExplanationType`` table, one per method (``steerlex-<m>``);
+    ``featured`` is false, as Neuronpedia cannot run these methods itself."""
+    out = []
+    for m in methods:
+        method = get_method(m)
+        about = re.sub(r"\s*\(needs --[^)]*\)", "", method.help)  # CLI advice
+        out.append(
+            {
+                "name": f"steerlex-{m}",
+                "displayName": f"steerlex {m}",
+                "description": f"steerlex {m}: {method.label}, {about}",
+                "featured": False,
+                "isAttention": False,
+                "creatorName": creator_name,
+                "creatorId": author_id,
+            }
+        )
+    return out
+
+
+def neuronpedia_model_type_row(name: str, *, creator_name: str) -> dict[str, Any]:
+    """The ``ExplanationModelType`` row of the LLM that wrote the summaries."""
+    return {
+        "name": name,
+        "displayName": name,
+        "description": f"LLM that summarised steerlex word lists ({name})",
+        "featured": False,
+        "creatorName": creator_name,
+    }
+
+
+def neuronpedia_source_rows(
+    *,
+    model_id: str,
+    source_id: str,
+    author_id: str = NEURONPEDIA_AUTHOR_ID,
+    creator_name: str,
+    d_sae: int,
+    d_in: int,
+    layers: int,
+    neurons_per_layer: int,
+    owner: str,
+    notes: str,
+) -> dict[str, dict[str, Any]]:
+    """The ``Model``, ``SourceSet`` and ``Source`` rows (``model``, ``sourceset``,
+    ``source``). The importer hands them to Prisma's ``create``, so they hold only fields
+    of those tables. Visibility is ``PUBLIC`` (a private row is hidden from a local
+    instance's anonymous user); inference search is off (no inference server knows the SAE).
+    """
+    set_name = neuronpedia_source_set(source_id)
+    width = neuronpedia_width(d_sae)
+    return {
+        "model": {
+            "id": model_id,
+            "displayName": model_id,
+            "displayNameShort": model_id,
+            "creatorId": author_id,
+            "layers": int(layers),
+            "neuronsPerLayer": int(neurons_per_layer),
+            "dimension": int(d_in),
+            "owner": owner,
+            "instruct": model_id.endswith("-it") or "instruct" in model_id,
+            "visibility": "PUBLIC",
+        },
+        "sourceset": {
+            "modelId": model_id,
+            "name": set_name,
+            "description": f"steerlex SAE - {width}",
+            "type": "",
+            "creatorName": creator_name,
+            "creatorId": author_id,
+            "urls": [],
+            "visibility": "PUBLIC",
+            "hasDashboards": True,
+            "allowInferenceSearch": False,
+        },
+        "source": {
+            "id": source_id,
+            "modelId": model_id,
+            "setName": set_name,
+            "creatorId": author_id,
+            "visibility": "PUBLIC",
+            "hasDashboards": True,
+            "inferenceEnabled": False,
+            "notes": notes,
+        },
+    }

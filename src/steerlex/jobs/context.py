@@ -92,6 +92,11 @@ class RunContext:
         """Use an already loaded model for ``loaded.spec`` (notebooks, tests)."""
         self._models[(loaded.spec, device, dtype)] = loaded
 
+    def loaded_model(self, spec: str) -> LoadedModel | None:
+        """A model of ``spec`` already loaded (on any device, in any dtype), else ``None``;
+        loads nothing."""
+        return next((m for (s, _, _), m in self._models.items() if s == spec), None)
+
     def tokenizer(self, spec: str) -> Any:
         """The tokenizer of ``spec``: a loaded model's when there is one, else the tokenizer
         alone (no weights are read)."""
@@ -112,12 +117,17 @@ class RunContext:
             self._saes[key] = (stamp, load_sae(p, device=device))
         return self._saes[key][1]
 
-    def store(self, path: str | Path) -> ActivationStore:
-        """The activation store at ``path``; opened again when its index changed."""
+    def store(self, path: str | Path, *, verify: bool = True) -> ActivationStore:
+        """The activation store at ``path``; opened again when its index changed. ``verify``:
+        refuse it when a shard's sha256 differs from its index (each file hashed once, then
+        memoised by size and mtime)."""
         p = Path(path)
         key = str(p.resolve())
         stamp = _stamp(p / "index.json")
         hit = self._stores.get(key)
         if hit is None or hit[0] != stamp:
             self._stores[key] = (stamp, ActivationStore.open(p))
-        return self._stores[key][1]
+        store = self._stores[key][1]
+        if verify:
+            store.require_intact()
+        return store

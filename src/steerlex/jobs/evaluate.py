@@ -8,6 +8,7 @@ from dataclasses import replace
 from steerlex.evaluate.config import DefenceConfig, EvalConfig, default_defences
 from steerlex.evaluate.defences import DEFENCES
 from steerlex.evaluate.defences.sae import ConditionalOptions
+from steerlex.evaluate.plan import check_feature_specs, plan_defences
 from steerlex.evaluate.run import EvalResult, run_eval
 from steerlex.jobs.context import RunContext
 from steerlex.judges import SafetyJudge
@@ -20,8 +21,12 @@ def eval_job(
     cfg: EvalConfig, ctx: RunContext, *, dry_run: bool = False, judge: SafetyJudge | None = None
 ) -> EvalResult:
     """Run the evaluation ``cfg`` describes (``dry_run``: print the plan only); the model
-    and SAE come from ``ctx`` (loaded once per run). ``judge`` overrides ``cfg.judge``."""
+    and SAE come from ``ctx`` (loaded once per run). ``judge`` overrides ``cfg.judge``.
+    The config, the defences and the feature ids are checked before the model is loaded
+    (the same checks with ``dry_run``)."""
+    cfg.validate()
     sae = ctx.sae(cfg.sae, device=cfg.device) if cfg.sae else None
+    check_feature_specs(cfg, plan_defences(cfg, with_sae=sae is not None), sae)
     spec = cfg.model or (sae.cfg.model_spec if sae is not None else None) or DEFAULT_MODEL
     loaded = ctx.model(spec, device=cfg.device, dtype=cfg.dtype)
     return run_eval(

@@ -12,6 +12,7 @@ from steerlex.activations.stats import activation_stats
 from steerlex.activations.store import ActivationStore
 from steerlex.core.config import narrow, option
 from steerlex.core.errors import StoreError
+from steerlex.core.paths import check_output_dir
 from steerlex.data.sources import load_texts
 from steerlex.data.split import SPLITS, Split, select_split
 from steerlex.jobs.context import RunContext
@@ -60,6 +61,7 @@ class HarvestConfig(HarvestOptions):
             raise StoreError("No text source given; pass --source NAME_OR_FILE (repeatable).")
         if not self.out:
             raise StoreError("No store directory given; pass --out DIR.")
+        check_output_dir(self.out, "--out", StoreError)
         if not 0 < self.heldout_fraction < 1:
             raise StoreError(
                 f"heldout_fraction must be between 0 and 1, got {self.heldout_fraction}."

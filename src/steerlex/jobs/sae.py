@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -12,7 +13,10 @@ import torch.distributed as dist
 
 from steerlex.core.config import narrow, option
 from steerlex.core.errors import SAEError
+from steerlex.core.io import dir_lock
+from steerlex.core.paths import check_output_dir
 from steerlex.jobs.context import RunContext
+from steerlex.jobs.explain import sae_dir
 from steerlex.sae.base import SparseAutoencoder
 from steerlex.sae.evaluate import evaluate_sae
 from steerlex.sae.train import TrainConfig, train_sae
@@ -26,6 +30,11 @@ __all__ = [
     "train_sae_job",
 ]
 
+
+VERIFY_HELP = (
+    "check each store shard's sha256 against the store's index before use (hashed once, "
+    "then memoised by size and mtime); --no-verify skips the check"
+)
 
 # --------------------------------------------------------------------------- train
 
@@ -41,6 +50,15 @@ class TrainSAEConfig(TrainConfig):
     out: str | None = option(
         None, required=True, help="output directory: SAE (SAELens layout), log, checkpoints"
     )
+    verify: bool = option(True, help=VERIFY_HELP)
+
+    def validate(self, d_in: int = 1) -> None:
+        """The training options (for a store of width ``d_in``; training checks them again
+        with the store's own width), and a store and an output directory one can write."""
+        super().validate(d_in)
+        if not self.activations or not self.out:
+            raise SAEError("train-sae needs --activations (a store) and --out (a directory).")
+        check_output_dir(self.out, "--out", SAEError)
 
 
 @dataclass(frozen=True)
@@ -65,8 +83,8 @@ def train_sae_job(cfg: TrainSAEConfig, ctx: RunContext) -> TrainSAEResult:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is set up here (NCCL on
     CUDA, gloo on CPU) and torn down at the end; each process trains on its own shards.
     """
-    if not cfg.activations or not cfg.out:
-        raise SAEError("train-sae needs --activations (a store) and --out (a directory).")
+    cfg.validate()
+    assert cfg.activations is not None and cfg.out is not None
     options = narrow(cfg, TrainConfig)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started_group = False
@@ -77,9 +95,15 @@ def train_sae_job(cfg: TrainSAEConfig, ctx: RunContext) -> TrainSAEResult:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         started_group = True
     try:
-        store = ctx.store(cfg.activations)
+        store = ctx.store(cfg.activations, verify=cfg.verify)
         t0 = time.perf_counter()
-        sae = train_sae(store, options, cfg.out, progress=ctx.progress)
+        with contextlib.ExitStack() as held:
+            if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the directory
+                out = Path(cfg.out)
+                if out.exists() and not out.is_dir():
+                    raise SAEError(f"--out {out} is a file; pass a directory for the SAE.")
+                held.enter_context(dir_lock(out, what="SAE training directory", error=SAEError))
+            sae = train_sae(store, options, cfg.out, progress=ctx.progress)
     finally:
         if started_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -119,6 +143,7 @@ class EvalSAEConfig:
     )
     device: str = option("cpu", help="torch device")
     out: str | None = option(None, help="output directory (default SAE_DIR/eval)")
+    verify: bool = option(True, help=VERIFY_HELP)
 
     def validate(self) -> None:
         if not self.sae or not self.activations:
@@ -128,6 +153,10 @@ class EvalSAEConfig:
                 f"max_lm_texts ({self.max_lm_texts}) and lm_batch_size ({self.lm_batch_size}) "
                 "must be at least 1."
             )
+        if self.out:
+            check_output_dir(self.out, "--out", SAEError)
+        else:
+            check_output_dir(sae_dir(self.sae) / "eval", "--out (default SAE_DIR/eval)", SAEError)
 
 
 @dataclass(frozen=True)
@@ -143,11 +172,11 @@ def eval_sae_job(cfg: EvalSAEConfig, ctx: RunContext) -> EvalSAEResult:
     cfg.validate()
     assert cfg.sae is not None and cfg.activations is not None
     sae = ctx.sae(cfg.sae, device=cfg.device)
-    store = ctx.store(cfg.activations)
+    store = ctx.store(cfg.activations, verify=cfg.verify)
     loaded = None
     if cfg.lm:
         loaded = ctx.model(cfg.model or store.index["model"]["spec"], device=cfg.device)
-    out = Path(cfg.out) if cfg.out else Path(cfg.sae) / "eval"
+    out = Path(cfg.out) if cfg.out else sae_dir(cfg.sae) / "eval"
     result = evaluate_sae(
         sae, store, out, loaded=loaded, max_lm_texts=cfg.max_lm_texts, max_tokens=cfg.max_tokens,
         lm_batch_size=cfg.lm_batch_size, dense_threshold=cfg.dense_threshold,

@@ -9,6 +9,7 @@ from typing import Any
 
 from steerlex.core.config import inherit, option
 from steerlex.core.errors import SelectionError
+from steerlex.core.paths import check_output_file
 from steerlex.data.split import SPLITS, Split
 from steerlex.explain.method import Explanation, Side, default_method, method_names
 from steerlex.explain.run import read_explanations
@@ -116,6 +117,8 @@ class SelectConfig:
     def validate(self) -> None:
         if not self.sae or not self.concept:
             raise SelectionError("select needs --sae (an SAE) and --concept (what to select).")
+        if self.out:
+            check_output_file(self.out, "--out", SelectionError)
 
 
 def _concept(cfg: SelectConfig) -> Concept:

@@ -3,7 +3,9 @@ OpenAI-compatible server over it (``serve``)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +13,8 @@ from steerlex.core.config import option
 from steerlex.core.errors import SteeringError
 from steerlex.data.sources import load_texts
 from steerlex.jobs.context import RunContext
-from steerlex.models.loading import DTYPES
+from steerlex.models.chat import check_text
+from steerlex.models.loading import DTYPES, check_device
 from steerlex.steer.features import parse_feature_list
 from steerlex.steer.probe import is_probe_file, load_probe
 from steerlex.steer.runtime import SteeredModel, SteeredResponse
@@ -149,12 +152,36 @@ class ServeConfig(SteerConfig):
     )
     max_messages: int = option(_LIMITS.max_messages, help="messages per request")
     max_body_bytes: int = option(_LIMITS.max_body_bytes, help="request body size in bytes")
+    read_timeout: float = option(
+        _LIMITS.read_timeout,
+        help="seconds a client has to send its whole request (then 408); also each write's limit",
+    )
+    max_connections: int = option(
+        _LIMITS.max_connections, help="connections served at once; more get 503 at once"
+    )
+    max_strength: float = option(
+        _LIMITS.max_strength, help="largest steerlex.strength a request may ask for"
+    )
+
+    def validate(self) -> None:
+        """Refuse a host or port that cannot be bound (before the model is loaded)."""
+        if not self.host or not self.host.strip():
+            raise SteeringError(
+                "--host is empty; give an address to bind, e.g. 127.0.0.1 (this machine only) "
+                "or 0.0.0.0 (every interface)."
+            )
+        port = self.port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise SteeringError(
+                f"--port {port!r} is not a TCP port; give 0 to 65535 (0 picks any free port)."
+            )
 
 
 def steered_model(cfg: SteerConfig, ctx: RunContext) -> tuple[SteeredModel, dict[int, str]]:
     """The :class:`SteeredModel` ``cfg`` describes, and a short label per feature id."""
     if not cfg.sae or not cfg.features:
         raise SteeringError("steering needs --sae (an SAE) and --features (ids or a file).")
+    check_device(cfg.device, "--device")  # before the SAE or the model is read
     sae = ctx.sae(cfg.sae, device=cfg.device)
     features = parse_feature_list(cfg.features, sae=sae)
     gate = None
@@ -207,7 +234,15 @@ class GenerateResult:
 
 
 def generate_job(cfg: GenerateConfig, ctx: RunContext) -> GenerateResult:
-    """Reply to ``cfg``'s prompts with the steered model."""
+    """Reply to ``cfg``'s prompts with the steered model.
+
+    Prompts that are not valid UTF-8 are refused before the model is loaded; prompts longer
+    than the model's context (with ``max_new_tokens``) before any is generated."""
+    for i, text in enumerate(cfg.prompt):
+        what = "--prompt" if len(cfg.prompt) == 1 else f"--prompt number {i + 1}"
+        check_text(text, what, SteeringError)
+    if cfg.system is not None:
+        check_text(cfg.system, "--system", SteeringError)
     prompts = list(cfg.prompt)
     if cfg.prompts_file:
         prompts.extend(item.text for item in load_texts(cfg.prompts_file, limit=cfg.limit).items)
@@ -234,22 +269,66 @@ def generate_job(cfg: GenerateConfig, ctx: RunContext) -> GenerateResult:
 
 def serve_job(cfg: ServeConfig, ctx: RunContext) -> tuple[SteeringServer, str | None]:
     """The server ``cfg`` describes, bound but not yet serving, and the API key it checks
-    (``cfg.api_key``, else ``$STEERLEX_API_KEY``; ``None``: no auth)."""
+    (``cfg.api_key``, else ``$STEERLEX_API_KEY``; ``None``: no auth).
+
+    The host and port are checked, and tried, before the model is loaded: a bad port, an
+    address in use or not on this machine fails at once with a SteeringError."""
+    cfg.validate()
     limits = ServerLimits(
         max_body_bytes=cfg.max_body_bytes, max_messages=cfg.max_messages,
         max_tokens=cfg.max_tokens_limit,
         default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens_limit),
         max_prompt_tokens=cfg.max_prompt_tokens, max_queue=cfg.max_queue,
+        read_timeout=cfg.read_timeout, max_connections=cfg.max_connections,
+        max_strength=cfg.max_strength,
     )  # fmt: skip
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    _try_bind(cfg.host, cfg.port)
     steered, _labels = steered_model(cfg, ctx)
     try:
         server = make_server(
             steered, host=cfg.host, port=cfg.port, api_key=api_key, model_name=cfg.model_name,
             limits=limits,
         )  # fmt: skip
-    except OSError as exc:
-        raise SteeringError(
-            f"cannot listen on {cfg.host}:{cfg.port} ({exc}); pick another --port."
-        ) from None
+    except (OSError, OverflowError, UnicodeError) as exc:
+        raise _listen_error(cfg.host, cfg.port, exc) from None
     return server, api_key
+
+
+def _try_bind(host: str, port: int) -> None:
+    """Bind (and release) ``host:port`` the way the server will, so that an address in use or
+    not on this machine fails before the model is loaded."""
+    try:
+        with socket.socket(SteeringServer.address_family, socket.SOCK_STREAM) as sock:
+            if SteeringServer.allow_reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except (OSError, OverflowError, UnicodeError) as exc:
+        raise _listen_error(host, port, exc) from None
+
+
+def _listen_error(host: str, port: int, exc: BaseException) -> SteeringError:
+    """A SteeringError that says why ``host:port`` cannot be listened on and what to do."""
+    where = f"cannot listen on {host}:{port}"
+    code = getattr(exc, "errno", None)
+    if code == errno.EADDRINUSE:
+        return SteeringError(
+            f"{where}: the address is already in use (another server, or an earlier steerlex "
+            "serve still running); stop it, pick another --port, or give --port 0 for any free "
+            "port."
+        )
+    if code == errno.EACCES:
+        return SteeringError(
+            f"{where}: permission denied (ports below 1024 need root); pick --port 1024 or above."
+        )
+    if isinstance(exc, (socket.gaierror, UnicodeError)):
+        return SteeringError(
+            f"{where}: {host!r} is not a known host name ({exc}); use --host 127.0.0.1 "
+            "(this machine only), 0.0.0.0 (every interface) or one of this machine's addresses."
+        )
+    if code == errno.EADDRNOTAVAIL:
+        return SteeringError(
+            f"{where}: {host!r} is not an address of this machine ({exc}); use --host 127.0.0.1 "
+            "(this machine only) or 0.0.0.0 (every interface)."
+        )
+    return SteeringError(f"{where} ({exc}); check --host and --port.")

@@ -8,6 +8,7 @@ assistant header). Harvesting uses that to leave out template positions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 _SENTINEL = "\u2063STEERLEX\u2063"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Keep = Literal["all", "no-bos", "no-prefix", "content"]
 KEEP_CHOICES: tuple[Keep, ...] = ("all", "no-bos", "no-prefix", "content")
@@ -32,6 +34,41 @@ KEEP_CHOICES: tuple[Keep, ...] = ("all", "no-bos", "no-prefix", "content")
   header) and keep the user's text and the template tokens after it;
 - ``content``: only the user's text.
 """
+
+
+def undecodable(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text, or ``None`` when it is.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates: ``sys.argv`` and a stdin in
+    ``surrogateescape`` mode turn byte ``0xff`` into ``"\\udcff"``; JSON's ``"\\ud800"`` escape
+    gives one too. Tokenizers cannot encode them (they fail with a bare ``TypeError``).
+    """
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    i, code = found.start(), ord(found.group())
+    near = "".join(_shown(c) for c in text[max(0, i - 20) : i + 20])
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+    return f"{what} at character {i} (near '{near}')"
+
+
+def _shown(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return ch if ch.isprintable() else repr(ch)[1:-1]
+
+
+def check_text(text: str, what: str, error: type[SteerlexError] = SteerlexError) -> None:
+    """Refuse ``text`` that is not valid UTF-8 (see :func:`undecodable`), naming it as ``what``."""
+    why = undecodable(text)
+    if why is not None:
+        raise error(
+            f"{what} is not valid UTF-8 text: {why}. Give it as UTF-8 (convert a file with e.g. "
+            "iconv -f latin1 -t utf-8; in a terminal, use a UTF-8 locale such as LANG=C.UTF-8)."
+        )
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -102,7 +139,13 @@ def encode_prompt(
     A prompt longer than ``max_length`` tokens keeps its first ``max_length``
     tokens: the template prefix survives and the tail (possibly including the
     end-of-turn and assistant header) is cut.
+
+    Raises:
+        SteerlexError: ``text`` or ``system_prompt`` is not valid UTF-8 (:func:`check_text`).
     """
+    check_text(text, "the prompt")
+    if system_prompt is not None:
+        check_text(system_prompt, "the system prompt")
     if chat:
         formatted = chat_text(tokenizer, text, system_prompt=system_prompt)
         start_char = _content_offset(tokenizer, formatted, text, system_prompt)

@@ -7,7 +7,9 @@ A spec is one of:
 - a local directory saved by transformers (``save_pretrained``);
 - a Hugging Face hub id such as ``Qwen/Qwen2.5-0.5B-Instruct`` (needs network).
 
-:func:`load_model` is the one function every stage uses to get a model.
+:func:`load_model` is the one function every stage uses to get a model. It checks the device
+(:func:`check_device`) before anything is read or converted. :func:`context_length` is the
+model's context (prompt plus reply), which every generating command checks prompts against.
 """
 
 from __future__ import annotations
@@ -68,6 +70,109 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """Most positions (prompt plus generated tokens) the model takes; ``None``: unknown."""
+        return context_length(self.model)
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model: Any) -> int | None:
+    """The context of ``model`` (a transformers model or its config) in tokens: the prompt plus
+    the reply must fit in it. Read from ``max_position_embeddings`` (or ``n_positions``, ...;
+    a multimodal config's ``text_config``); ``None`` when the config names none."""
+    config = getattr(model, "config", model)
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in _CONTEXT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+_INSTALL_CUDA = (
+    "install a CUDA build of torch (the pip command for your CUDA driver is at "
+    "https://pytorch.org/get-started/locally/, e.g. pip install torch --index-url "
+    "https://download.pytorch.org/whl/cu128)"
+)
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can use here: ``cpu``, then ``cuda:N``, ``mps``, ``xpu:N``."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return out
+
+
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """``device`` as a :class:`torch.device`, or a ModelSpecError (before any weights are read)
+    when it is malformed or not usable here: a CPU-only torch asked for ``cuda``, a GPU index
+    past the last GPU, ``mps`` off a Mac. The message lists the devices there are.
+
+    ``what`` names the input in the message (``"--device"`` from the command line).
+    """
+    here = ", ".join(available_devices())
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelSpecError(
+            f"{what} {str(device)!r} is not a torch device; use cpu, cuda, cuda:N or mps "
+            f"(devices here: {here})."
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                raise ModelSpecError(
+                    f"{what} {str(device)!r}: this torch ({torch.__version__}) is built without "
+                    f"CUDA, so it cannot use a GPU. Use cpu, or {_INSTALL_CUDA}. Devices here: "
+                    f"{here}."
+                )
+            raise ModelSpecError(
+                f"{what} {str(device)!r}: torch {torch.__version__} has CUDA "
+                f"{torch.version.cuda} but sees no GPU (no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
+                f"hides them; nvidia-smi tells). Use cpu, or fix the driver. Devices here: {here}."
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelSpecError(
+                f"{what} {str(device)!r}: there {'is' if count == 1 else 'are'} only {count} "
+                f"CUDA device{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1}); pick one "
+                f"of {here}."
+            )
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            why = (
+                "this machine has no Apple GPU (mps is macOS on Apple silicon only)"
+                if torch.backends.mps.is_built()
+                else "this torch is built without MPS (mps is macOS on Apple silicon only)"
+            )
+            raise ModelSpecError(f"{what} {str(device)!r}: {why}. Use one of: {here}.")
+        return dev
+    if dev.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not xpu.is_available():
+            raise ModelSpecError(
+                f"{what} {str(device)!r}: torch sees no Intel GPU (xpu). Use one of: {here}."
+            )
+        if dev.index is not None and dev.index >= xpu.device_count():
+            raise ModelSpecError(f"{what} {str(device)!r}: no such xpu device; use one of: {here}.")
+        return dev
+    raise ModelSpecError(
+        f"{what} {str(device)!r}: steerlex runs models on cpu, cuda, mps or xpu, not "
+        f"{dev.type}; use one of: {here}."
+    )
 
 
 def resolve_spec(spec: str) -> ResolvedSpec:
@@ -174,7 +279,13 @@ def load_model(
     ``device`` places the whole model; pass ``device_map`` (e.g. "auto") instead to
     let accelerate spread it over GPUs, in which case ``device`` is ignored.
     Remote code is never run unless ``trust_remote_code=True``.
+
+    Raises:
+        ModelSpecError: a bad spec or dtype, or a ``device`` that is malformed or not usable
+            here (checked first, before anything is read: see :func:`check_device`).
     """
+    if device_map is None and device is not None:
+        device = check_device(device)
     resolved = resolve_spec(spec)
     torch_dtype = parse_dtype(dtype)
     location, source, weights_id = model_dir(resolved)

@@ -90,7 +90,7 @@ class RunConfig:
     eval_sae: EvalSAEConfig = section(
         EvalSAEConfig,
         help="SAE evaluation on the held-out part",
-        owned=("sae", "activations", *_MODEL, *_PATHS),
+        owned=("sae", "activations", "verify", *_MODEL, *_PATHS),
     )
     explain: ExplainConfig = section(
         lambda: ExplainConfig(methods=list(method_names())),

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from steerlex.core.errors import PipelineError, RunInterrupted, StageError, SteerlexError
-from steerlex.core.io import read_json_object, write_json_atomic
+from steerlex.core.io import LOCK_NAME, dir_lock, read_json_object, write_json_atomic
+from steerlex.core.paths import check_output_dir
 from steerlex.jobs.context import RunContext
 from steerlex.pipeline.config import RunConfig, config_dict, config_fingerprint, config_from_dict
 from steerlex.pipeline.stages import STAGES, Stage, StageConfigs, stage_configs
@@ -87,7 +88,7 @@ def claim_run_dir(cfg: RunConfig, runs_dir: Path) -> Path:
                 f"{' …' if len(diff) > 8 else ''}); results of two configs are never mixed. Run with "
                 f"--name {free} for a new run directory, or delete {d} to start over."
             )  # fmt: skip
-    elif d.exists() and any(d.iterdir()):
+    elif d.exists() and any(p.name != LOCK_NAME for p in d.iterdir()):
         raise PipelineError(
             f"{d} exists and is not a steerlex run directory (no config.json); choose another "
             "--name or move it away."
@@ -144,11 +145,39 @@ def run_pipeline(
         raise PipelineError(f"Unknown stage(s) {unknown}; the stages are: {', '.join(names)}.")
     if ctx is None:
         ctx = RunContext(log=log)
-    d = claim_run_dir(cfg, Path(runs_dir))
-    configs = stage_configs(cfg, d)
+    runs = Path(runs_dir)
+    if runs.exists() and not runs.is_dir():
+        raise PipelineError(f"--runs-dir {runs} is a file; pass a directory.")
+    _preflight(cfg, runs / cfg.name, only, ctx)
+    with dir_lock(runs / cfg.name, what="run directory", error=PipelineError):
+        return _run_claimed(cfg, claim_run_dir(cfg, runs), only, ctx)
+
+
+def _todo(cfg: RunConfig, only: Sequence[str] | None) -> list[Stage]:
+    """The stages to run, in order: ``only`` these, else all (explain-metrics with
+    ``features`` 0 never)."""
     todo = [s for s in STAGES if only is None or s.name in only]
     if cfg.explain_metrics.features <= 0:
         todo = [s for s in todo if s.name != "explain-metrics"]
+    return todo
+
+
+def _preflight(cfg: RunConfig, d: Path, only: Sequence[str] | None, ctx: RunContext) -> None:
+    """Everything checked before anything is written or any stage runs: the run directory
+    ``d`` can be created or written, every stage's options (:func:`stage_configs`, the
+    output paths included), and each stage still to run's own ``check`` (the layer against
+    the model's layer count)."""
+    check_output_dir(d, "The run directory (--runs-dir/--name)", PipelineError)
+    configs = stage_configs(cfg, d)
+    for stage in _todo(cfg, only):
+        if stage.check is not None and not (only is None and _done(d, stage, configs)):
+            stage.check(configs, ctx)
+
+
+def _run_claimed(cfg: RunConfig, d: Path, only: Sequence[str] | None, ctx: RunContext) -> Path:
+    """:func:`run_pipeline` in the locked and claimed run directory ``d``."""
+    configs = stage_configs(cfg, d)
+    todo = _todo(cfg, only)
     run_path = d / "run.json"
     record: dict[str, Any] = {"stages": {}}
     if run_path.is_file():
@@ -186,11 +215,7 @@ def run_pipeline(
         f"{time.perf_counter() - started:.0f} s ({n_loads} model load{'s' if n_loads != 1 else ''})"
     )
     skipped = {"explain-metrics"} if cfg.explain_metrics.features <= 0 else set()
-    missing = [
-        s.name
-        for s in STAGES
-        if s.name not in skipped and not (d / "stages" / f"{s.name}.json").is_file()
-    ]
+    missing = [s.name for s in STAGES if s.name not in skipped and not _done(d, s, configs)]
     if missing:
         _say(ctx, f"stages {', '.join(t.name for t in todo)} of {d} done in {spent}; not run "
                   f"yet: {', '.join(missing)} (`{resume_command(d)}` runs them)")  # fmt: skip

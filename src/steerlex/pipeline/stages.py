@@ -2,7 +2,9 @@
 calls with the stage config the run builds from its own config and run directory.
 
 :func:`stage_configs` builds every stage's full config up front (the run's model, layer,
-device and paths filled in), so a bad option fails before the first stage runs.
+device and paths filled in), so a bad option fails before the first stage runs. A stage's
+``check`` does what needs more than the configs before any stage runs: the harvest checks
+the run's layer against the model's layer count, read from its config (no weights).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from steerlex.core.config import config_to_dict
+from steerlex.core.errors import LayerError, PipelineError, SteerlexError
 from steerlex.core.io import write_json_atomic
 from steerlex.evaluate.config import EvalConfig
 from steerlex.jobs.context import RunContext
@@ -33,6 +39,8 @@ from steerlex.jobs.report import (
 )
 from steerlex.jobs.sae import EvalSAEConfig, TrainSAEConfig, eval_sae_job, train_sae_job
 from steerlex.jobs.select import SelectConfig, select_job
+from steerlex.models.hooks import check_layer
+from steerlex.models.loading import load_config
 from steerlex.pipeline.config import RunConfig, selection_method
 
 __all__ = ["STAGES", "Stage", "StageConfigs", "stage_configs", "stage_names"]
@@ -130,6 +138,10 @@ def _check(cfg: RunConfig, c: StageConfigs) -> None:
         c.explain_metrics.validate()
     for s in c.select.values():
         s.validate()
+    try:
+        c.eval.validate()
+    except SteerlexError as exc:
+        raise PipelineError(f"Config section 'eval': {exc}") from None
 
 
 # --------------------------------------------------------------------------- stages
@@ -139,13 +151,35 @@ def _check(cfg: RunConfig, c: StageConfigs) -> None:
 class Stage:
     """One step: what it needs (run-relative paths, each with the stage that makes it),
     what it makes (both depend on the stage configs, e.g. which explanation methods run),
-    and how."""
+    how, and what to check before any stage of the run starts (``check``, beyond the
+    configs' own checks)."""
 
     name: str
     needs: Callable[[StageConfigs], tuple[tuple[str, str], ...]]
     makes: Callable[[StageConfigs], tuple[str, ...]]
     run: Callable[[StageConfigs, Path, RunContext], None]
     help: str
+    check: Callable[[StageConfigs, RunContext], None] | None = None
+
+
+def _check_layer(c: StageConfigs, ctx: RunContext) -> None:
+    """The run's layer against the model's decoder layers, counted on a weightless (meta
+    device) copy built from the model's config, or on the model ``ctx`` already holds."""
+    h = c.harvest["train"]
+    loaded = ctx.loaded_model(h.model)
+    if loaded is not None:
+        model = loaded.model
+    else:
+        config = load_config(h.model)[0]
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    try:
+        check_layer(model, h.layer)
+    except LayerError as exc:
+        raise PipelineError(
+            f"Config key 'layer' does not fit the model {h.model}: {exc}; set another, e.g. "
+            "--set layer=N."
+        ) from None
 
 
 def _harvest(c: StageConfigs, d: Path, ctx: RunContext) -> None:
@@ -200,6 +234,21 @@ def _examples(c: StageConfigs, d: Path, ctx: RunContext) -> None:
 
 def _report(c: StageConfigs, d: Path, ctx: RunContext) -> None:
     report_job(d)
+    lacking = []
+    for stage in STAGES:
+        skipped = stage.name == "explain-metrics" and c.explain_metrics.features <= 0
+        if stage.name == "report" or skipped:
+            continue
+        missing = [m for m in stage.makes(c) if not (d / m).exists()]
+        if missing:
+            lacking.append(f"{stage.name} ({', '.join(missing)})")
+    if lacking:
+        ctx.say(
+            f"  partial report: the outputs of {len(lacking)} earlier stage(s) are missing, "
+            f"so their sections say 'not run': {'; '.join(lacking)}. Run them first "
+            f"(steerlex run --resume {d}), then the report again (steerlex run --resume {d} "
+            "--stage report)."
+        )
 
 
 def _fixed(*paths: str) -> Callable[[StageConfigs], tuple[str, ...]]:
@@ -225,7 +274,7 @@ _SELECTED = (("selected_safety.json", "select"), ("selected_harm.json", "select"
 
 STAGES: tuple[Stage, ...] = (
     Stage("harvest", _needs(), _fixed("acts-train/index.json", "acts-heldout/index.json"),
-          _harvest, "layer-L activations of the texts, train and held-out"),
+          _harvest, "layer-L activations of the texts, train and held-out", _check_layer),
     Stage("train-sae", _needs(_TRAIN), _fixed("sae/cfg.json"), _train,
           "an SAE on the train activations"),
     Stage("eval-sae", _needs(_SAE, ("acts-heldout/index.json", "harvest")),

@@ -6,7 +6,10 @@
   ``normalize_decoder``, ``num_latents``, ``k``, ``multi_topk``, ``skip_connection``,
   ``transcode``) plus ``d_in``;
 - ``sae.safetensors``: ``encoder.weight [d_sae, d_in]`` and ``encoder.bias [d_sae]`` (an
-  ``nn.Linear``), ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``.
+  ``nn.Linear``), ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``;
+- written by steerlex also ``steerlex.json``: steerlex's block (the full config, the
+  weights' sha256), kept out of ``cfg.json`` because sparsify prints a warning for every key
+  of ``cfg.json`` it does not know.
 
 sparsify encodes ``topk(relu((x - b_dec) @ encoder.weight.T + encoder.bias))`` (ReLU first,
 then TopK) and decodes ``sum of the k selected W_dec rows + b_dec``. steerlex does TopK then
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +43,19 @@ from steerlex.core.errors import SAEError
 from steerlex.sae.base import SAE_ARCHITECTURES, SAEConfig, SparseAutoencoder
 from steerlex.sae.formats import (
     PROVENANCE_FIELDS,
+    REBUILD,
     SAELENS_CFG,
+    SPARSIFY_SIDECAR,
     SPARSIFY_WEIGHTS,
     STEERLEX_BLOCK_VERSION,
     build_sae,
     check_tensors,
+    check_weights_hash,
     read_json_object,
     read_safetensors,
     resolve_dtype,
     save_safetensors,
+    tensors_sha256,
     write_sae_dir,
 )
 
@@ -122,7 +130,9 @@ def load_sparsify(
         if num_latents
         else d_in * _int_field(raw, "expansion_factor", cfg_path, default=32)
     )
+    block = _sparsify_block(directory, raw)
     tensors = read_safetensors(weights_path)
+    check_weights_hash(tensors, block, weights_path, directory / SPARSIFY_SIDECAR, rebuild=REBUILD)
     if "W_skip" in tensors:
         raise SAEError(f"{weights_path} holds W_skip (a skip connection); steerlex cannot use it.")
     check_tensors(
@@ -137,8 +147,7 @@ def load_sparsify(
         cfg_desc=f"{cfg_path} (d_in={d_in}, d_sae={d_sae})",
     )
 
-    block = raw.get("steerlex")
-    if isinstance(block, dict) and isinstance(block.get("config"), dict):
+    if block is not None:
         prov = {key: block["config"].get(key) for key in PROVENANCE_FIELDS}
         prov["extra"] = dict(prov.get("extra") or {})
     else:
@@ -181,8 +190,25 @@ def load_sparsify(
     )
 
 
-def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(cfg.json dict, tensors) of ``sae`` in sparsify's layout."""
+def _sparsify_block(directory: Path, raw: dict[str, Any]) -> dict[str, Any] | None:
+    """steerlex's block of a sparsify directory: ``steerlex.json``, or a ``steerlex`` key in
+    ``cfg.json`` (steerlex before 0.2 wrote it there); None for an SAE sparsify wrote."""
+    side = directory / SPARSIFY_SIDECAR
+    block = read_json_object(side) if side.is_file() else raw.get("steerlex")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
+        raise SAEError(
+            f"steerlex's block of {directory} ({side.name if side.is_file() else SAELENS_CFG}) "
+            "is malformed; re-save the SAE."
+        )
+    return block
+
+
+def _sparsify_parts(
+    sae: SparseAutoencoder,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """(cfg.json dict, steerlex block, tensors) of ``sae`` in sparsify's layout."""
     sae = sae.for_inference()
     activation = type(sae).sparsify_activation
     if activation is None:
@@ -212,12 +238,11 @@ def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
         "skip_connection": False,
         "transcode": False,
         "d_in": c.d_in,
-        # sparsify drops unknown keys when it loads (from_dict(drop_extra_fields=True)).
-        "steerlex": {
-            "format_version": STEERLEX_BLOCK_VERSION,
-            "steerlex_version": steerlex.__version__,
-            "config": block_cfg,
-        },
+    }
+    block = {
+        "format_version": STEERLEX_BLOCK_VERSION,
+        "steerlex_version": steerlex.__version__,
+        "config": block_cfg,
     }
     tensors = {
         "encoder.weight": W_enc.T.contiguous(),
@@ -225,7 +250,7 @@ def _sparsify_parts(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
         "W_dec": W_dec.contiguous(),
         "b_dec": folded.b_dec.detach(),
     }
-    return cfg, tensors
+    return cfg, block, tensors
 
 
 def sparsify_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
@@ -242,14 +267,17 @@ def save_sparsify(
     folded into the encoder bias (sparsify always subtracts ``b_dec``). Atomic, like
     :func:`steerlex.sae.formats.save_sae`.
     """
-    cfg, tensors = _sparsify_parts(sae)
+    cfg, block, tensors = _sparsify_parts(sae)
+    block["tensors_sha256"] = tensors_sha256(tensors)
     try:
         text = json.dumps(cfg, indent=2) + "\n"
+        side = json.dumps(block, indent=2) + "\n"
     except (TypeError, ValueError) as exc:
         raise SAEError(f"Cannot save the SAE config as JSON ({exc}).") from None
 
     def write(tmp: Path) -> None:
         save_safetensors(tensors, tmp / SPARSIFY_WEIGHTS)
+        (tmp / SPARSIFY_SIDECAR).write_text(side, encoding="utf-8")
         (tmp / SAELENS_CFG).write_text(text, encoding="utf-8")
 
     return write_sae_dir(Path(directory), write, overwrite=overwrite)
@@ -258,13 +286,40 @@ def save_sparsify(
 # --- the paper's tied TopK .pth -----------------------------------------------------------------
 
 
+#: How a file torch.save wrote begins: a zip archive (torch >= 1.6) or a pickle (older).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+#: Words of torch's weights-only unpickler errors about a Python object it will not build
+#: (any other error of it means bytes that are no pickle at all: a damaged file).
+_OBJECT_ERRORS = ("GLOBAL", "allowlisted", "Can only ")
+
+
+def _not_a_checkpoint(path: Path, detail: str) -> SAEError:
+    return SAEError(
+        f"{path} is not a valid torch checkpoint ({detail}): it is damaged, truncated or not "
+        "a file torch.save wrote. Copy or download it again, or pass the SAE it came from."
+    )
+
+
 def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise SAEError(f"SAE file {path} does not exist.")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        detail = (
+            f"it starts with the bytes {head.hex(' ')}, neither a zip nor a pickle"
+            if head
+            else "the file is empty"
+        )
+        raise _not_a_checkpoint(path, detail)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if "Weights only load failed" in text and not any(w in text for w in _OBJECT_ERRORS):
+            m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            detail = m.group(1).strip() if m else "unreadable pickle"
+            raise _not_a_checkpoint(path, detail) from None
         if "Weights only load failed" in text:
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             what = f" (it pickles {m.group(1)})" if m else ""
@@ -305,6 +360,11 @@ def load_pth(
     """
     path = Path(path)
     obj = _torch_load(path)
+    warnings.warn(
+        f"{path} is a .pth state dict, which records no sha256, so its integrity is not "
+        "checked; `steerlex sae convert` writes a copy that records one.",
+        stacklevel=2,
+    )
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         outer_k = _k_value(obj.get("k"))
         obj = obj["state_dict"]

@@ -33,11 +33,13 @@ Weights are read only with safetensors or ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +51,8 @@ from torch import Tensor
 
 import steerlex
 from steerlex.core.errors import SAEError
+from steerlex.core.io import file_mode, sha256_file
 from steerlex.core.io import read_json_object as read_json
-from steerlex.core.io import sha256_file
 from steerlex.sae.base import SAE_ARCHITECTURES, SAEConfig, SparseAutoencoder, sae_class
 
 __all__ = [
@@ -76,6 +78,7 @@ WRITABLE_FORMATS = ("saelens", "sparsify")
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"  # eai-sparsify: cfg.json + sae.safetensors
+SPARSIFY_SIDECAR = "steerlex.json"  # steerlex's block beside a sparsify cfg.json
 PTH_SUFFIXES = (".pth", ".pt", ".ckpt")
 
 #: ``metadata.sae_lens_version`` we write: the SAELens config layout we follow (v6). SAELens
@@ -83,13 +86,21 @@ PTH_SUFFIXES = (".pth", ".pt", ".ckpt")
 SAELENS_FORMAT_VERSION = "6.0.0"
 #: Version of the ``metadata.steerlex`` block; bump when its meaning changes.
 STEERLEX_BLOCK_VERSION = 1
+#: What to do about SAE weights that fail their checksum.
+REBUILD = (
+    "Copy or download the SAE directory again, or rebuild it: rerun the `steerlex train-sae` "
+    "command that made it (it resumes from its last checkpoint and saves again; in a run "
+    "directory: `steerlex run --resume RUN_DIR --stage train-sae`)."
+)
 
 # SAELens normalisations that its inference SAE treats as the identity (the training
 # statistics are folded into the weights when training ends) vs. ones it applies per token.
 _IDENTITY_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
 _PER_TOKEN_NORMS = ("constant_norm_rescale", "layer_norm")
 # Files that belong to a saved SAE (any format): replaced or removed when saving over it.
-_SAE_DIR_FILES = frozenset({SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, "sparsity.safetensors"})
+_SAE_DIR_FILES = frozenset(
+    {SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, SPARSIFY_SIDECAR, "sparsity.safetensors"}
+)
 # Provenance fields taken from the steerlex block (the math comes from SAELens's own keys).
 PROVENANCE_FIELDS = ("model_spec", "weights_id", "layer", "hf_hook_name", "keep", "extra")
 
@@ -171,6 +182,45 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
             f"SAE weights file {path} is corrupted or truncated and cannot be read ({exc}); "
             "copy or download it again, or re-save the SAE."
         ) from None
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 of tensors' contents: each tensor's name, dtype, shape and bytes, in name
+    order. Unlike a file hash it survives a re-save that keeps the tensors (SAELens's
+    ``save_model`` writes other bytes for the same weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def check_weights_hash(
+    tensors: Mapping[str, Tensor],
+    block: Mapping[str, Any] | None,
+    weights_path: Path,
+    record: Path,
+    *,
+    rebuild: str,
+) -> None:
+    """Refuse tensors whose :func:`tensors_sha256` differs from the one steerlex recorded
+    in ``block`` (``tensors_sha256``, in the file ``record``). An SAE without a recorded hash
+    (written by another tool or an older steerlex) is used with a warning. ``rebuild``: how
+    this SAE is made again, for the error message."""
+    expected = (block or {}).get("tensors_sha256")
+    if not isinstance(expected, str):
+        warnings.warn(
+            f"{weights_path} has no sha256 recorded by steerlex in {record.name}, so its "
+            "integrity is not checked; `steerlex sae convert` writes a copy that records one.",
+            stacklevel=3,
+        )
+        return
+    if tensors_sha256(tensors) != expected:
+        raise SAEError(
+            f"SAE weights file {weights_path} does not match the sha256 recorded in {record} "
+            f"(tensors_sha256): the file is damaged or was changed after saving. {rebuild}"
+        )
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: str, *, where: str) -> str:
@@ -312,6 +362,7 @@ def write_sae_dir(directory: Path, write: Callable[[Path], None], *, overwrite: 
         try:
             write(tmp)
             _fsync_tree(tmp)
+            os.chmod(tmp, file_mode(directory=True))  # mkdtemp makes it private (0o700)
             if directory.exists():
                 directory.rmdir()
             os.replace(tmp, directory)
@@ -355,6 +406,7 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: Path) -> None:
         str(path),
         metadata={"format": "pt"},
     )
+    os.chmod(path, file_mode())  # safetensors creates its files private (0o600)
 
 
 # --- SAELens: write ---------------------------------------------------------------------
@@ -420,15 +472,19 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, *, overwrite: bool =
     folded = sae.for_inference().folded()
     cfg = saelens_cfg(folded)
     try:
-        text = json.dumps(cfg, indent=2) + "\n"
+        json.dumps(cfg)
     except (TypeError, ValueError) as exc:
         raise SAEError(
             f"Cannot save the SAE config as JSON ({exc}); keep SAEConfig.extra to JSON values "
             "(str, int, float, bool, None, lists and dicts of them)."
         ) from None
 
+    weights = folded.weights()
+    cfg["metadata"]["steerlex"]["tensors_sha256"] = tensors_sha256(weights)
+    text = json.dumps(cfg, indent=2) + "\n"
+
     def write(tmp: Path) -> None:
-        save_safetensors(folded.weights(), tmp / SAELENS_WEIGHTS)
+        save_safetensors(weights, tmp / SAELENS_WEIGHTS)
         (tmp / SAELENS_CFG).write_text(text, encoding="utf-8")
 
     return write_sae_dir(Path(directory), write, overwrite=overwrite)
@@ -582,6 +638,9 @@ def load_saelens(
         )
 
     tensors = read_safetensors(weights_path)
+    check_weights_hash(
+        tensors, _steerlex_block(raw, cfg_path), weights_path, cfg_path, rebuild=REBUILD
+    )
     expected: dict[str, tuple[int, ...]] = {
         "W_enc": (d_in, d_sae),
         "W_dec": (d_sae, d_in),

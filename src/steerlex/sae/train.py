@@ -103,6 +103,10 @@ class TrainConfig:
                 f"steerlex trains {', '.join(trainable)} SAEs, not {self.architecture!r}; "
                 f"choose architecture (CLI: --architecture) {' or '.join(trainable)}."
             )
+        if self.d_sae < 1:
+            raise SAEError(
+                f"d_sae={self.d_sae} must be at least 1 (the number of latents; CLI: --d-sae)."
+            )
         if self.k < 1 or self.k > self.d_sae:
             raise SAEError(f"k={self.k} must be between 1 and d_sae={self.d_sae}.")
         if self.k_start is not None and not self.k <= self.k_start <= self.d_sae:

@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from steerlex.core.errors import SteeringError
-from steerlex.models.chat import EncodedPrompt, encode_prompt, has_chat_template
+from steerlex.models.chat import (
+    EncodedPrompt,
+    check_text,
+    encode_prompt,
+    has_chat_template,
+    left_padded,
+)
 from steerlex.models.hooks import check_layer, decoder_layers, edit_residual, residual_width
 from steerlex.models.loading import LoadedModel
 from steerlex.sae.base import SparseAutoencoder
@@ -185,6 +191,7 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str
             raise SteeringError(f"message {i} has role {role!r}; roles are {', '.join(ROLES)}.")
         if not isinstance(content, str) or not content.strip():
             raise SteeringError(f"message {i} ({role}) has empty or non-text content {content!r}.")
+        check_text(content, f"message {i} ({role})", SteeringError)
         if role == "system" and i != 0:
             raise SteeringError(f"message {i} is a system message; only the first may be one.")
         out.append({"role": role, "content": content})
@@ -418,6 +425,13 @@ class _SteeringCall:
         ]
 
 
+def _preview(text: str, limit: int = 40) -> str:
+    """The start of a prompt, quoted, for error messages."""
+    flat = " ".join(text[: 2 * limit].split())
+    shown = "".join(c if not 0xD800 <= ord(c) <= 0xDFFF else "?" for c in flat[:limit])
+    return repr(shown + ("..." if len(flat) > limit or len(text) > 2 * limit else ""))
+
+
 def _stats(acts: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Masked max and mean over positions: ``acts [B, T, F]``, ``mask [B, T]`` → ``[B, F]`` each."""
     if acts.shape[1] == 0:
@@ -561,6 +575,8 @@ class SteeredModel:
         if not isinstance(items, Sequence) or not items:
             raise SteeringError("prompts is empty; give at least one prompt.")
         special = set(getattr(tok, "all_special_ids", []) or [])
+        if system_prompt is not None:
+            check_text(system_prompt, "the system prompt", SteeringError)
         out: list[EncodedPrompt] = []
         for i, p in enumerate(items):
             if isinstance(p, EncodedPrompt):
@@ -568,6 +584,7 @@ class SteeredModel:
             elif isinstance(p, str):
                 if not p.strip():
                     raise SteeringError(f"prompt {i} is empty; give non-empty prompts.")
+                check_text(p, f"prompt {i}", SteeringError)
                 enc = encode_prompt(tok, p, chat=chat, system_prompt=system_prompt)
             elif isinstance(p, Sequence) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in p
@@ -604,6 +621,12 @@ class SteeredModel:
         ``seed`` a sampled call is reproducible and leaves the global RNG as it was. Settings not
         named here come from the model's ``generation_config``. Calls on one SteeredModel run one
         at a time (a lock); do not run other hooked calls on the same model concurrently.
+
+        Raises:
+            SteeringError: bad arguments; a prompt that is empty or not valid UTF-8; a prompt
+                whose tokens plus ``max_new_tokens`` exceed the model's context
+                (:func:`~steerlex.models.loading.context_length`), checked for every prompt
+                before any is generated.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise SteeringError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
@@ -617,6 +640,12 @@ class SteeredModel:
             if not (0 < top_p <= 1):
                 raise SteeringError(f"top_p must be in (0, 1], got {top_p}.")
         encoded = self.encode(prompts, system_prompt=system_prompt, chat=chat)
+        texts: Sequence[Any] = [prompts] if isinstance(prompts, str) else prompts
+        for i, e in enumerate(encoded):
+            what = ("the prompt" if len(encoded) == 1 else f"prompt {i}") + (
+                f" ({_preview(texts[i])})" if isinstance(texts[i], str) else ""
+            )
+            self.check_fits(e, max_new_tokens, what)
         config = self._generation_config(max_new_tokens, do_sample, temperature, top_p)
         out: list[SteeredResponse] = []
         rng = self._rng(seed) if do_sample and seed is not None else nullcontext()
@@ -640,9 +669,15 @@ class SteeredModel:
         """The assistant's reply to a conversation (``[{"role", "content"}, ...]``, last = user).
 
         Roles are ``system`` (first message only), ``user`` and ``assistant``; content must be
-        non-empty text. Positions before the first non-system message's text are never edited.
+        non-empty UTF-8 text. Positions before the first non-system message's text are never
+        edited. The chat-formatted conversation plus ``max_new_tokens`` must fit the model's
+        context (a SteeringError says by how much it does not).
         """
         encoded = encode_chat(self.loaded.tokenizer, messages)
+        self.check_fits(
+            encoded, max_new_tokens, "the conversation",
+            "drop early messages (in steerlex chat: /reset forgets the conversation)",
+        )  # fmt: skip
         return self.generate(
             [encoded],
             max_new_tokens=max_new_tokens,
@@ -651,6 +686,33 @@ class SteeredModel:
             top_p=top_p,
             seed=seed,
         )[0]
+
+    def check_fits(
+        self, encoded: EncodedPrompt, max_new_tokens: int, what: str = "the prompt", hint: str = ""
+    ) -> None:
+        """Refuse a prompt whose tokens plus ``max_new_tokens`` exceed the model's context
+        (:attr:`LoadedModel.context_length <steerlex.models.loading.LoadedModel.context_length>`)
+        with a SteeringError that gives both numbers and how far to cut.
+
+        Nothing is checked when the model's config names no context length. ``what`` names the
+        prompt in the message; ``hint`` is added at its end.
+        """
+        context = self.loaded.context_length
+        n = len(encoded.input_ids)
+        if context is None or n + max_new_tokens <= context:
+            return
+        flag = "max_new_tokens (the CLI: --max-new-tokens)"
+        fixes = []
+        if max_new_tokens < context:
+            fixes.append(f"shorten it to at most {context - max_new_tokens} tokens")
+        if n < context:
+            fixes.append(f"lower {flag} to at most {context - n}")
+        fix = " or ".join(fixes) or f"shorten it and lower {flag}: together at most {context}"
+        raise SteeringError(
+            f"{what} has {n} tokens; with max_new_tokens={max_new_tokens} that is "
+            f"{n + max_new_tokens}, over the context of {self.loaded.name}, {context} tokens; "
+            f"{fix}{'; ' + hint if hint else ''}."
+        )
 
     # --- internals --------------------------------------------------------------------------
 
@@ -697,16 +759,13 @@ class SteeredModel:
     ) -> list[SteeredResponse]:
         model, tok = self.loaded.model, self.loaded.tokenizer
         device = self.loaded.device
-        width = max(len(e.input_ids) for e in encoded)
-        pad = int(config.pad_token_id)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(encoded), width), dtype=torch.long)
+        # Left padding (real tokens end at the last column), built here from token ids: the
+        # tokenizer's own padding_side is never read or changed.
+        ids, attn, _pos = left_padded([e.input_ids for e in encoded], int(config.pad_token_id))
+        width = ids.shape[1]
         editable = torch.zeros((len(encoded), width), dtype=torch.bool)
         for i, e in enumerate(encoded):
-            off = width - len(e.input_ids)  # left padding: real tokens end at the last column
-            ids[i, off:] = torch.tensor(e.input_ids, dtype=torch.long)
-            attn[i, off:] = 1
-            editable[i, off + e.content_start :] = True
+            editable[i, width - len(e.input_ids) + e.content_start :] = True
         ids, attn, editable = ids.to(device), attn.to(device), editable.to(device)
         call = _SteeringCall(strategy, self.sae, editable, enabled)
         with torch.no_grad(), edit_residual(model, self.layer, call):

@@ -61,6 +61,7 @@ __all__ = [
     "SAEFeatureStrategy",
     "SteeringError",
     "SteeringStrategy",
+    "check_feature_ids",
     "feature_pre_acts",
     "make_strategy",
 ]
@@ -139,6 +140,18 @@ def _check_in_range(features: Sequence[int], sae: SparseAutoencoder, what: str) 
             f"{what} holds id(s) {bad[:5]} out of range for this SAE with d_sae={sae.d_sae}; "
             f"valid ids are 0..{sae.d_sae - 1}. Was the feature list made for another SAE?"
         )
+
+
+def check_feature_ids(
+    features: Iterable[Any], sae: SparseAutoencoder | None, what: str
+) -> tuple[int, ...]:
+    """``features`` as ids, checked as a strategy checks them when it is built: integers,
+    none negative, each once, and (with ``sae``) each below its ``d_sae``; a SteeringError
+    names ``what`` otherwise. For checking a config before any model is loaded."""
+    ids = _feature_ids(features, what)
+    if sae is not None:
+        _check_in_range(ids, sae, what)
+    return ids
 
 
 def _check_call(h: Tensor, mask: Tensor, width: int, what: str) -> None:
