@@ -318,6 +318,17 @@ class _SteeringCall:
             mask = self.prompt_mask.to(h.device)
         else:
             mask = torch.ones(batch, width, dtype=torch.bool, device=h.device)
+        new, record = self.apply(h, mask, prefill)
+        self.keep(record, prefill)
+        return new
+
+    def apply(self, h: Tensor, mask: Tensor, prefill: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """Decide the gate (at ``prefill``; token mode also later), edit ``h`` at the ``mask``
+        positions and return ``(edited h, record)``; the record (``before``/``after``
+        activations, ``edited``, ``mask``) is what :meth:`keep` stores for the reports.
+
+        The batched decoder (:mod:`steerlex.steer.batching`) calls this on a sub-batch of rows
+        that share a strategy, with :attr:`gate_open` set to those rows' decisions."""
         self._decide(h, mask, prefill)
         before = self._acts(h, self.watched)  # [B, T, F]
         if self.enabled and self.strategy is not None:
@@ -329,12 +340,14 @@ class _SteeringCall:
         else:
             new, edited = h, torch.zeros_like(mask)
             after = before[..., : len(self.selected)]
-        record = {"before": before, "after": after, "edited": edited, "mask": mask}
+        return new, {"before": before, "after": after, "edited": edited, "mask": mask}
+
+    def keep(self, record: dict[str, Tensor], prefill: bool) -> None:
+        """Store one forward pass's record: the prompt's at ``prefill``, else a decoding step's."""
         if prefill:
             self.prompt = record
         else:
             self.steps.append(record)
-        return new
 
     def _host_stats(self, generated: Sequence[int]) -> dict[str, list[Any]]:
         """Per-row statistics on the host: feature max/mean over the prompt's editable and the
@@ -781,16 +794,25 @@ class SteeredModel:
         reports = call.reports(
             [len(k) for k in kept], strategy.describe() if strategy is not None else "no steering"
         )
-        out = []
-        for e, k, reason, report in zip(encoded, kept, reasons, reports, strict=True):
-            body = k[:-1] if reason == "stop" else k
-            out.append(
-                SteeredResponse(
-                    text=tok.decode(body, skip_special_tokens=True),
-                    token_ids=tuple(k),
-                    prompt_ids=tuple(e.input_ids),
-                    finish_reason=reason,
-                    report=report,
-                )
-            )
-        return out
+        return [
+            _make_response(tok, e, k, reason, report)
+            for e, k, reason, report in zip(encoded, kept, reasons, reports, strict=True)
+        ]
+
+
+def _make_response(
+    tok: Any,
+    encoded: EncodedPrompt,
+    token_ids: Sequence[int],
+    reason: Literal["stop", "length"],
+    report: SteeringReport,
+) -> SteeredResponse:
+    """A :class:`SteeredResponse` from the generated ids (EOS last when ``reason`` is stop)."""
+    body = list(token_ids[:-1] if reason == "stop" else token_ids)
+    return SteeredResponse(
+        text=tok.decode(body, skip_special_tokens=True),
+        token_ids=tuple(token_ids),
+        prompt_ids=tuple(encoded.input_ids),
+        finish_reason=reason,
+        report=report,
+    )
