@@ -238,3 +238,76 @@ def test_bad_input_is_a_steering_error(tiny_loaded: LoadedModel) -> None:
     # a refused request queues nothing, and the decoder still works
     assert decoder.waiting == 0 and decoder.running == 0
     assert decoder.run([DecodeRequest(PROMPTS[1], max_new_tokens=2)])[0].token_ids
+
+
+# --- guards --------------------------------------------------------------------------------------
+
+
+def _split_gate(steered: SteeredModel) -> Gate:
+    """A prompt gate whose threshold lies between the prompts' harm scores: opens on some."""
+    probe = Calibration(SELECTED, target=2.5, gate=Gate(HARM, 0.0, "prompt", top_k=None))
+    scores = sorted(
+        {
+            r.report.harm_score
+            for r in BatchDecoder(steered).run(
+                [DecodeRequest(p, max_new_tokens=1, strategy=probe) for p in PROMPTS]
+            )
+        }
+    )
+    return Gate(HARM, (scores[0] + scores[-1]) / 2, "prompt", top_k=None)
+
+
+def test_refuse_guard_answers_open_gates_with_the_refusal(tiny_loaded: LoadedModel) -> None:
+    steered = steered_model(tiny_loaded)
+    gated = Calibration(SELECTED, target=2.5, gate=_split_gate(steered))
+    refusal = "No, I will not."
+    requests = [
+        DecodeRequest(p, max_new_tokens=6, strategy=gated, guard="refuse", refusal=refusal)
+        for p in PROMPTS
+    ]
+    got = BatchDecoder(steered, max_batch=3).run(requests)
+    opened = [r.report.gate_open for r in got]
+    assert set(opened) == {True, False}
+    tok = tiny_loaded.tokenizer
+    for request, r in zip(requests, got, strict=True):
+        if r.report.gate_open:
+            assert (r.text, r.finish_reason, r.guard) == (refusal, "content_filter", "refused")
+            assert r.token_ids == tuple(tok.encode(refusal, add_special_tokens=False))
+            assert r.report.generated_positions == 0
+        else:  # a closed gate: the same reply as plain steering behind the gate
+            assert r.guard is None and r.finish_reason in ("stop", "length")
+            assert_same(r, solo(steered, DecodeRequest(request.prompt, 6, strategy=gated)))
+
+
+def test_abort_guard_stops_where_the_detector_fires(tiny_loaded: LoadedModel) -> None:
+    steered = steered_model(tiny_loaded)
+    gate = Gate(HARM, 0.0, "prompt", top_k=None)
+    strategy = Calibration(SELECTED, target=2.5, gate=gate)
+    plain = BatchDecoder(steered).run([DecodeRequest(PROMPTS[0], 10, strategy=strategy)])[0]
+    assert plain.guard is None and len(plain.token_ids) > 2
+    # a threshold no position reaches: nothing stops; one every position reaches: the first
+    # reply token fed back stops the reply after one token
+    never = DecodeRequest(PROMPTS[0], 10, strategy=strategy, guard="abort", abort_threshold=1e9)
+    always = DecodeRequest(PROMPTS[0], 10, strategy=strategy, guard="abort", abort_threshold=-1e9)
+    late, early = BatchDecoder(steered).run([never, always])
+    assert late.token_ids == plain.token_ids and late.guard is None
+    assert early.token_ids == plain.token_ids[:1]
+    assert (early.finish_reason, early.guard) == ("content_filter", "aborted")
+
+
+def test_guards_need_a_gate_and_valid_settings(tiny_loaded: LoadedModel) -> None:
+    steered = steered_model(tiny_loaded)
+    decoder = BatchDecoder(steered)
+    with pytest.raises(SteeringError, match="acts on the strategy's gate"):
+        decoder.submit(DecodeRequest(PROMPTS[0], 4, guard="refuse"))  # Amplification: no gate
+    gated = Calibration(SELECTED, target=2.5, gate=Gate(HARM, 0.1, "prompt"))
+    with pytest.raises(SteeringError, match="guard must be one of"):
+        decoder.submit(DecodeRequest(PROMPTS[0], 4, strategy=gated, guard="block"))  # type: ignore[arg-type]
+    with pytest.raises(SteeringError, match="refusal must be a non-empty"):
+        decoder.submit(DecodeRequest(PROMPTS[0], 4, strategy=gated, guard="refuse", refusal=" "))
+    with pytest.raises(SteeringError, match="abort_threshold must be a finite"):
+        decoder.submit(
+            DecodeRequest(
+                PROMPTS[0], 4, strategy=gated, guard="abort", abort_threshold=float("nan")
+            )
+        )

@@ -7,7 +7,17 @@
   a prompt-mode gate decided from its own prompt at its own prefill;
 - sampling: greedy, or temperature/top_p with its own ``torch.Generator`` (seeded by its
   ``seed``), so what a row samples never depends on the other rows;
-- ``max_new_tokens`` and end-of-sequence ids.
+- ``max_new_tokens`` and end-of-sequence ids;
+- a guard (``guard``), which acts on its strategy's gate:
+
+  - ``"steer"`` (default): the strategy steers, behind its gate if it has one;
+  - ``"refuse"``: when the gate opens on the prompt, nothing is generated and the reply is the
+    fixed ``refusal`` text (``finish_reason`` ``"content_filter"``, ``guard`` ``"refused"``);
+  - ``"abort"``: the reply is generated (steered as in ``"steer"``), and decoding stops as soon
+    as the detector fires on one of the reply's own tokens — its harm score at that position,
+    before any edit, reaches ``abort_threshold`` (default: the gate's threshold); the reply
+    keeps the tokens up to and including that one (``finish_reason`` ``"content_filter"``,
+    ``guard`` ``"aborted"``), like Goodfire's ``abort_when``.
 
 Rows join at step boundaries (continuous batching): :meth:`BatchDecoder.step` first prefills
 the waiting requests that fit (up to ``max_batch`` rows running) in one forward pass of their
@@ -31,6 +41,7 @@ per row. Only transformers' ``DynamicCache`` with full-attention layers is suppo
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -47,6 +58,8 @@ from steerlex.core.errors import SteeringError
 from steerlex.models.chat import EncodedPrompt, left_padded
 from steerlex.models.hooks import edit_residual
 from steerlex.steer.runtime import (
+    FinishReason,
+    GuardAction,
     SteeredModel,
     SteeredResponse,
     _make_response,
@@ -54,9 +67,13 @@ from steerlex.steer.runtime import (
 )
 from steerlex.steer.strategies import SteeringStrategy
 
-__all__ = ["BatchDecoder", "DecodeRequest"]
+__all__ = ["DEFAULT_REFUSAL", "GUARD_MODES", "BatchDecoder", "DecodeRequest", "GuardMode"]
 
 ModelDefault = Literal["model"]
+GuardMode = Literal["steer", "refuse", "abort"]
+GUARD_MODES: tuple[GuardMode, ...] = ("steer", "refuse", "abort")
+#: The reply a ``"refuse"`` guard gives when the gate opens.
+DEFAULT_REFUSAL = "I can't help with that request."
 
 
 def _forward_kwargs(model: Any) -> dict[str, Any]:
@@ -81,6 +98,8 @@ class DecodeRequest:
     ``strategy``: ``"model"`` (the SteeredModel's strategy when the request is submitted), a
     strategy, or ``None`` (no edit). ``enabled``: ``None`` for the SteeredModel's switch.
     ``eos_token_ids``: ``None`` for the model's; ``()`` never stops before ``max_new_tokens``.
+    ``guard``, ``refusal``, ``abort_threshold``: what the request's gate does (module docs); a
+    guard other than ``"steer"`` needs a strategy with a gate.
     """
 
     prompt: str | Sequence[int] | EncodedPrompt
@@ -94,6 +113,9 @@ class DecodeRequest:
     system_prompt: str | None = None
     chat: bool = True
     eos_token_ids: tuple[int, ...] | None = None
+    guard: GuardMode = "steer"
+    refusal: str = DEFAULT_REFUSAL
+    abort_threshold: float | None = None
 
 
 @dataclass
@@ -109,7 +131,11 @@ class _Row:
     processors: Any
     generator: torch.Generator | None
     call: _SteeringCall
+    guard: GuardMode = "steer"
+    refusal: str = DEFAULT_REFUSAL
+    abort_threshold: float = 0.0
     tokens: list[int] = field(default_factory=list)
+    stopped: GuardAction | None = None
 
     @property
     def key(self) -> tuple[int, bool]:
@@ -118,8 +144,10 @@ class _Row:
 
     @property
     def done(self) -> bool:
-        return len(self.tokens) >= self.max_new_tokens or (
-            bool(self.tokens) and self.tokens[-1] in self.eos
+        return (
+            self.stopped is not None
+            or len(self.tokens) >= self.max_new_tokens
+            or (bool(self.tokens) and self.tokens[-1] in self.eos)
         )
 
 
@@ -283,7 +311,37 @@ class BatchDecoder:
         editable = torch.zeros((1, length), dtype=torch.bool, device=device)
         editable[0, encoded.content_start :] = True
         call = _SteeringCall(strategy, steered.sae, editable, enabled)
-        return _Row(-1, encoded, strategy, enabled, n, eos, processors, generator, call)
+        return _Row(
+            -1, encoded, strategy, enabled, n, eos, processors, generator, call,
+            guard=request.guard, refusal=request.refusal,
+            abort_threshold=self._abort_threshold(request, strategy),
+        )  # fmt: skip
+
+    def _abort_threshold(self, request: DecodeRequest, strategy: SteeringStrategy | None) -> float:
+        """Check the request's guard settings; the threshold an ``"abort"`` guard uses."""
+        if request.guard not in GUARD_MODES:
+            raise SteeringError(
+                f"guard must be one of {', '.join(GUARD_MODES)}, got {request.guard!r}."
+            )
+        if not isinstance(request.refusal, str) or not request.refusal.strip():
+            raise SteeringError(
+                "refusal must be a non-empty text (the reply a refused request gets)."
+            )
+        gate = strategy.gate if strategy is not None else None
+        if request.guard == "steer":
+            return 0.0
+        if gate is None:
+            raise SteeringError(
+                f"guard {request.guard!r} acts on the strategy's gate, and this request's strategy "
+                f"({strategy.describe() if strategy is not None else 'none'}) has none; give a "
+                "conditional strategy (a harm probe or harm features), or guard 'steer'."
+            )
+        if gate.needs_sae and self.steered.sae is None:
+            raise SteeringError(f"guard {request.guard!r}: the gate's harm features need an SAE.")
+        t = gate.threshold if request.abort_threshold is None else request.abort_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise SteeringError(f"abort_threshold must be a finite number, got {t!r}.")
+        return float(t)
 
     # --- forward passes -----------------------------------------------------------------------
 
@@ -291,6 +349,8 @@ class BatchDecoder:
         """The layer edit of one forward pass: each group of rows sharing a strategy is edited
         by one call on its sub-batch; each row keeps its own gate decision and records."""
         with torch.no_grad():
+            if not prefill:
+                self._watch_replies(h, rows)
             groups: dict[tuple[int, bool], list[int]] = {}
             for i, row in enumerate(rows):
                 groups.setdefault(row.key, []).append(i)
@@ -322,6 +382,16 @@ class BatchDecoder:
                     own.keep({k: v[j : j + 1, start:] for k, v in record.items()}, prefill)
             return out
 
+    def _watch_replies(self, h: Tensor, rows: list[_Row]) -> None:
+        """``"abort"`` rows: stop those whose detector fires on the reply token now fed (its
+        residual before any edit)."""
+        for i, row in enumerate(rows):
+            if row.guard != "abort" or row.strategy is None or row.strategy.gate is None:
+                continue
+            score = row.strategy.gate.scores(h[i : i + 1], self.steered.sae)
+            if bool((score >= row.abort_threshold).any()):
+                row.stopped = "aborted"
+
     def _forward(
         self,
         rows: list[_Row],
@@ -351,6 +421,17 @@ class BatchDecoder:
         finished = []
         device = logits.device
         for i, row in enumerate(rows):
+            opened = row.call.gate_open
+            if (
+                row.guard == "refuse"
+                and not row.tokens
+                and opened is not None
+                and bool(opened.any())
+            ):
+                row.stopped = "refused"
+            if row.stopped is not None:
+                finished.append((row.ticket, self._response(row)))
+                continue
             seen = torch.tensor([row.encoded.input_ids + row.tokens], device=device)
             scores = row.processors(seen, logits[i : i + 1])
             if row.generator is not None:
@@ -365,13 +446,27 @@ class BatchDecoder:
 
     def _response(self, row: _Row) -> SteeredResponse:
         strategy = row.strategy
-        reason: Literal["stop", "length"] = "stop" if row.tokens[-1] in row.eos else "length"
+        tok = self.steered.loaded.tokenizer
         (report,) = row.call.reports(
             [len(row.tokens)], strategy.describe() if strategy is not None else "no steering"
         )
-        return _make_response(
-            self.steered.loaded.tokenizer, row.encoded, row.tokens, reason, report
+        if row.stopped == "refused":
+            return SteeredResponse(
+                text=row.refusal,
+                token_ids=tuple(tok.encode(row.refusal, add_special_tokens=False)),
+                prompt_ids=tuple(row.encoded.input_ids),
+                finish_reason="content_filter",
+                report=report,
+                guard="refused",
+            )
+        reason: FinishReason = (
+            "content_filter"
+            if row.stopped == "aborted"
+            else "stop"
+            if row.tokens[-1] in row.eos
+            else "length"
         )
+        return _make_response(tok, row.encoded, row.tokens, reason, report, row.stopped)
 
     def _prefill(self, rows: list[_Row]) -> list[tuple[int, SteeredResponse]]:
         steered = self.steered

@@ -160,15 +160,26 @@ class SteeringReport:
         return out
 
 
+FinishReason = Literal["stop", "length", "content_filter"]
+#: What a guard did to a reply (:mod:`steerlex.steer.batching`): ``"refused"`` (the gate opened
+#: on the prompt, the reply is the fixed refusal) or ``"aborted"`` (the detector fired on the
+#: reply's own tokens and decoding stopped there).
+GuardAction = Literal["refused", "aborted"]
+
+
 @dataclass(frozen=True)
 class SteeredResponse:
-    """One reply: its text, the generated token ids (EOS included when reached), the report."""
+    """One reply: its text, the generated token ids (EOS included when reached), the report.
+
+    ``finish_reason`` is ``"content_filter"`` when a guard refused or aborted the reply, and
+    ``guard`` then says which."""
 
     text: str
     token_ids: tuple[int, ...]
     prompt_ids: tuple[int, ...]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     report: SteeringReport
+    guard: GuardAction | None = None
 
 
 # --- chat encoding ----------------------------------------------------------------------------
@@ -804,8 +815,9 @@ def _make_response(
     tok: Any,
     encoded: EncodedPrompt,
     token_ids: Sequence[int],
-    reason: Literal["stop", "length"],
+    reason: FinishReason,
     report: SteeringReport,
+    guard: GuardAction | None = None,
 ) -> SteeredResponse:
     """A :class:`SteeredResponse` from the generated ids (EOS last when ``reason`` is stop)."""
     body = list(token_ids[:-1] if reason == "stop" else token_ids)
@@ -815,4 +827,5 @@ def _make_response(
         prompt_ids=tuple(encoded.input_ids),
         finish_reason=reason,
         report=report,
+        guard=guard,
     )
