@@ -246,8 +246,11 @@ def test_bad_numbers_and_types_are_400(
 
 
 def test_long_values_are_cut_in_error_messages(server: SteeringServer) -> None:
-    status, data, _ = post(server, chat_body(stop=["x" * 100_000]))
+    status, data, _ = post(server, chat_body(tools=["x" * 100_000]))
     msg = assert_refused(status, data, "is not supported")
+    assert len(msg) < 400
+    status, data, _ = post(server, chat_body(stop=["x" * 100_000]))
+    msg = assert_refused(status, data, "longer than 256 characters", param="stop")
     assert len(msg) < 400
 
 
@@ -322,7 +325,7 @@ def test_a_slow_drip_client_hits_the_total_deadline(steered: SteeredModel, phase
                         break
                 seconds = time.monotonic() - t0
         assert seconds < 3.0, f"the server held a dripping client for {seconds:.1f} s"
-        assert answer.startswith(b"HTTP/1.0 408"), answer
+        assert answer.startswith(b"HTTP/1.1 408"), answer
         body = json.loads(answer.partition(b"\r\n\r\n")[2])
         assert body["error"]["code"] == "request_timeout"
         assert "read_timeout=1 s" in body["error"]["message"]
@@ -341,9 +344,13 @@ def wait_for(check: Any, seconds: float = 5.0) -> None:
 def health(srv: SteeringServer) -> tuple[int, dict[str, Any], dict[str, str]]:
     try:
         with urllib.request.urlopen(f"{srv.url}/health", timeout=10) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
+            return (
+                resp.status,
+                json.loads(resp.read()),
+                {k.lower(): v for k, v in resp.headers.items()},
+            )
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), dict(err.headers)
+        return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
 def test_connections_over_the_cap_get_a_prompt_503(steered: SteeredModel) -> None:
@@ -358,7 +365,7 @@ def test_connections_over_the_cap_get_a_prompt_503(steered: SteeredModel) -> Non
             assert status == 503, data
             assert data["error"]["code"] == "too_many_connections"
             assert "max_connections=2" in data["error"]["message"]
-            assert headers["Retry-After"] == "1"
+            assert headers["retry-after"] == "1"
             assert srv.connections() == 2  # the refused one never got a thread
         finally:
             for s in idle:

@@ -70,7 +70,7 @@ def client(server: SteeringServer) -> openai.OpenAI:
 def post(
     server: SteeringServer, body: Any, *, key: str | None = KEY, raw: bytes | None = None
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """POST /v1/chat/completions with urllib: (status, JSON body, headers)."""
+    """POST /v1/chat/completions with urllib: (status, JSON body, headers, names lowercased)."""
     data = raw if raw is not None else json.dumps(body).encode()
     req = urllib.request.Request(f"{server.url}/v1/chat/completions", data=data, method="POST")
     req.add_header("Content-Type", "application/json")
@@ -78,9 +78,13 @@ def post(
         req.add_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
+            return (
+                resp.status,
+                json.loads(resp.read()),
+                {k.lower(): v for k, v in resp.headers.items()},
+            )
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), dict(err.headers)
+        return err.code, json.loads(err.read()), {k.lower(): v for k, v in err.headers.items()}
 
 
 def chat_body(**extra: Any) -> dict[str, Any]:
@@ -218,7 +222,7 @@ def test_wrong_or_missing_key_is_401(server: SteeringServer) -> None:
         bad.models.list()
     status, body, headers = post(server, chat_body(), key=None)
     assert status == 401 and body["error"]["type"] == "authentication_error"
-    assert headers["WWW-Authenticate"] == "Bearer"
+    assert headers["www-authenticate"] == "Bearer"
 
 
 def test_oversize_requests_name_their_limit(client: openai.OpenAI, server: SteeringServer) -> None:
@@ -255,7 +259,9 @@ def test_prompt_token_limit(steered: SteeredModel) -> None:
         (chat_body(messages=[{"role": "user", "content": " "}]), 400, "empty or non-text"),
         (chat_body(messages=[{"role": "user"}]), 400, "non-text content"),
         (chat_body(n=2), 400, "n=2 is not supported"),
-        (chat_body(stop=["cat"]), 400, "stop=['cat'] is not supported"),
+        (chat_body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 are allowed"),
+        (chat_body(stop=[1]), 400, "stop must be a string or a list of strings"),
+        (chat_body(logprobs=True), 400, "logprobs=True is not supported"),
         (chat_body(max_tokens=0), 400, "max_tokens must be an integer >= 1"),
         (chat_body(temperature=-1), 400, "temperature must be in [0, 2]"),
         (chat_body(top_p=0), 400, "top_p must be in (0, 1]"),
@@ -338,7 +344,7 @@ def test_load_with_a_small_queue_answers_429(steered: SteeredModel) -> None:
         assert set(codes) <= {200, 429}
         assert 200 in codes and 429 in codes
         busy = next(h for s, h in results if s == 429)
-        assert int(busy["Retry-After"]) >= 1
+        assert int(busy["retry-after"]) >= 1
         status, _, _ = post(srv, chat_body())  # still serving afterwards
         assert status == 200
 

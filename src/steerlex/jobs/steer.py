@@ -4,6 +4,7 @@ OpenAI-compatible server over it (``serve``)."""
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -154,13 +155,18 @@ class ServeConfig(SteerConfig):
     max_body_bytes: int = option(_LIMITS.max_body_bytes, help="request body size in bytes")
     read_timeout: float = option(
         _LIMITS.read_timeout,
-        help="seconds a client has to send its whole request (then 408); also each write's limit",
+        help="seconds a client has to send its whole request (then 408)",
     )
     max_connections: int = option(
         _LIMITS.max_connections, help="connections served at once; more get 503 at once"
     )
     max_strength: float = option(
         _LIMITS.max_strength, help="largest steerlex.strength a request may ask for"
+    )
+    shutdown_grace: float = option(
+        10.0,
+        help="on SIGTERM/SIGINT, seconds the running generation gets to finish before it is "
+        "stopped (its client then gets an error)",
     )
 
     def validate(self) -> None:
@@ -175,6 +181,13 @@ class ServeConfig(SteerConfig):
             raise SteeringError(
                 f"--port {port!r} is not a TCP port; give 0 to 65535 (0 picks any free port)."
             )
+        grace = self.shutdown_grace
+        if (
+            isinstance(grace, bool)
+            or not isinstance(grace, (int, float))
+            or not (grace >= 0 and math.isfinite(grace))
+        ):
+            raise SteeringError(f"--shutdown-grace {grace!r} must be a number of seconds >= 0.")
 
 
 def steered_model(cfg: SteerConfig, ctx: RunContext) -> tuple[SteeredModel, dict[int, str]]:
@@ -288,7 +301,7 @@ def serve_job(cfg: ServeConfig, ctx: RunContext) -> tuple[SteeringServer, str | 
     try:
         server = make_server(
             steered, host=cfg.host, port=cfg.port, api_key=api_key, model_name=cfg.model_name,
-            limits=limits,
+            limits=limits, shutdown_grace=cfg.shutdown_grace,
         )  # fmt: skip
     except (OSError, OverflowError, UnicodeError) as exc:
         raise _listen_error(cfg.host, cfg.port, exc) from None

@@ -1,59 +1,72 @@
 """An OpenAI-compatible HTTP API over a :class:`~steerlex.steer.runtime.SteeredModel`.
 
-:func:`make_server` returns a :class:`SteeringServer` (standard-library ``ThreadingHTTPServer``)
-with three endpoints:
+:func:`make_server` returns a :class:`SteeringServer`: a Starlette app served by uvicorn (in a
+thread of its own) with these endpoints:
 
 - ``POST /v1/chat/completions``: a chat reply, whole or streamed as server-sent events in
   OpenAI's ``chat.completion.chunk`` format (ending with ``data: [DONE]``). The reply carries a
-  ``steerlex`` field: the steering report (features that fired, gate decision).
-- ``GET /v1/models``: the one served model.
-- ``GET /health``: liveness and queue length (no authentication).
+  ``steerlex`` field: the steering report (features that fired, gate decision). ``stop`` (a
+  string or up to 4) cuts the reply before the first one and ends generation there.
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
+- ``GET /health``: whether the model worker is up, queue depth (no authentication).
+- ``GET /metrics``: counters in Prometheus text format (no authentication).
 
 Steering is on by default. A request may override it for itself only, with the extra body field
 ``"steerlex": {"steer": false}`` or ``{"strength": 1.5}`` (the openai client: ``extra_body``).
 
-Concurrency: one worker thread owns the model and runs one generation at a time, in arrival
-order; HTTP threads only parse, validate and wait. Requests are not batched, so every reply is
-exactly what ``SteeredModel.chat`` gives for the same settings (batching left-pads and changes
-the numerics slightly; a ``seed`` would also stop being per request). Waiting requests sit in a
-bounded queue; when it is full a request gets 429 with ``Retry-After``. All tokenizer work runs
-on the worker too (a fast tokenizer is not safe to share between threads); a request thread only
-renders the chat template (pure Python) to refuse, from a cheap lower bound on its token count, a
-prompt that cannot fit before it reaches the worker (:class:`_PromptBound`).
+Concurrency: one worker thread (:class:`ModelWorker`) owns the model and runs one generation at
+a time, in arrival order; the event loop only parses, validates and waits. Requests are not
+batched, so every reply is exactly what ``SteeredModel.chat`` gives for the same settings.
+Waiting requests sit in a bounded queue; when it is full a request gets 429 with
+``Retry-After``. All tokenizer work runs on the worker too (a fast tokenizer is not safe to
+share between threads); before queueing, the chat template is rendered (pure Python) off the
+event loop to refuse, from a cheap lower bound on its token count, a prompt that cannot fit
+(:class:`_PromptBound`).
 
 Hostile input: every request has ``read_timeout`` seconds in all to send its request line,
-headers and body; at most ``max_connections`` connections are served at once (more get a prompt
-503); JSON nesting, numbers, text and the ``steerlex`` override are checked before any work.
+headers and body (then 408); at most ``max_connections`` connections are served at once (more
+get a prompt 503); JSON nesting, numbers, text and the ``steerlex`` override are checked before
+any work. Shutdown is graceful (:meth:`SteeringServer.shutdown`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import dataclasses
 import hmac
-import io
 import json
 import logging
 import math
 import queue
 import re
 import reprlib
+import signal
 import socket
 import sys
 import threading
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from steerlex.core.errors import SteeringError, SteerlexError
 from steerlex.steer.runtime import SteeredModel, SteeredResponse, encode_chat
 from steerlex.steer.strategies import SteeringStrategy
 
-__all__ = ["API_KEY_ENV", "ServerLimits", "SteeringServer", "make_server"]
+__all__ = ["API_KEY_ENV", "ModelWorker", "ServerLimits", "SteeringServer", "make_server"]
 
 API_KEY_ENV = "STEERLEX_SERVER_API_KEY"
 """Environment variable the CLI reads the API key from when ``--api-key`` is not given."""
@@ -63,7 +76,6 @@ log = logging.getLogger(__name__)
 # Fields OpenAI defines that would change the reply and that steerlex cannot honour: a request
 # that sets them to anything but their neutral value gets 400 rather than a silently wrong reply.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "stop": (None, [], ""),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "tools": (None, []),
@@ -79,6 +91,10 @@ MAX_JSON_DEPTH = 64
 """Deepest nesting of JSON arrays/objects a request body may have (a chat request needs 5)."""
 MAX_SEED = 2**63 - 1
 """Largest ``seed``: seeds are 0 to 2**63 - 1 (a signed 64-bit integer, as OpenAI's)."""
+MAX_STOP = 4
+"""Most ``stop`` strings a request may give (as OpenAI)."""
+MAX_STOP_CHARS = 256
+"""Longest ``stop`` string, in characters."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +105,9 @@ class ServerLimits:
     ``default_max_tokens`` (at most ``max_tokens``). ``max_prompt_tokens`` caps the chat-formatted
     prompt; prompt plus reply must also fit the model's context (``max_position_embeddings``).
     ``max_queue`` is how many requests may wait while one runs. ``read_timeout`` (seconds) is
-    the total time a client has to send its request line, headers and body (then 408), and the
-    limit on each write of the reply. ``max_connections`` caps the connections served at once,
-    each on its own thread (more get 503 at once; keep it above ``max_queue`` + 1 or the queue
-    never fills). ``max_strength`` bounds a request's ``steerlex.strength``.
+    the total time a client has to send its request line, headers and body (then 408).
+    ``max_connections`` caps the connections served at once (more get 503 at once; keep it above
+    ``max_queue`` + 1 or the queue never fills). ``max_strength`` bounds a request's ``steerlex.strength``.
     """
 
     max_body_bytes: int = 1 << 20
@@ -164,13 +179,37 @@ class _Cancelled(Exception):
     """Raised inside generation to stop a request whose client left or whose server shuts down."""
 
 
+class _Events:
+    """What the worker thread reports to one request, delivered on the request's event loop.
+
+    ``put`` may be called from any thread; ``get`` is awaited on ``loop``. Once the loop is
+    closed (the server stopped) a put is dropped: nobody is left to read it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(self, item: tuple[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self, timeout: float) -> tuple[str, Any] | None:
+        """The next event, or None after ``timeout`` seconds without one."""
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+
 @dataclass
 class _Job:
     """A queued request; the worker reports on ``events``.
 
     Events, in order: ``("start", prompt_tokens)``, then with ``stream`` any number of
     ``("delta", text)``, then ``("done", SteeredResponse)``; or ``("error", ApiError)`` at any
-    point instead.
+    point instead. ``stop`` are the request's stop strings; ``cancel_reason`` says why
+    ``cancelled`` was set by the server (None: the client left).
     """
 
     messages: list[dict[str, Any]]
@@ -178,16 +217,36 @@ class _Job:
     strategy: SteeringStrategy | None
     enabled: bool
     stream: bool
-    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    events: _Events
+    stop: tuple[str, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first of the ``stop`` strings starts in ``text`` (None: none does)."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stop: tuple[str, ...]) -> int:
+    """Where the longest end of ``text`` that could still grow into a stop string starts."""
+    for start in range(max(0, len(text) - max(map(len, stop)) + 1), len(text)):
+        tail = text[start:]
+        if any(s.startswith(tail) for s in stop):
+            return start
+    return len(text)
 
 
 class _Streamer:
-    """Turns generated token ids into text deltas whose concatenation is the final text.
+    """Turns generated token ids into text deltas whose concatenation is the final text, and
+    watches for the request's stop strings.
 
     Text is released up to the last whitespace (like transformers' ``TextStreamer``), so a
     detokenizer that merges or cleans across token boundaries cannot change what was already
-    sent; the rest comes with the final text.
+    sent; the rest comes with the final text. Text that could be the start of a stop string is
+    held back, and nothing at or after a stop string is ever sent. ``stopped`` turns true once the
+    decoded reply holds a stop string (generation then ends at the next token).
     """
 
     def __init__(self, tokenizer: Any, job: _Job) -> None:
@@ -195,16 +254,29 @@ class _Streamer:
         self.job = job
         self.ids: list[int] = []
         self.sent = ""
+        self.stopped = False
 
     def push(self, token: int) -> None:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stop = self.job.stop
+        if stop:
+            cut = _cut_at_stop(text, stop)
+            if cut is not None:
+                self.stopped = True
+                text = text[:cut]
+            else:
+                text = text[: _held_back(text, stop)]
+        if not self.job.stream:
+            return
         if text.endswith("\ufffd"):  # an unfinished multi-byte character
             return
         cut = max(text.rfind(" "), text.rfind("\n")) + 1
         self._emit(text[:cut])
 
     def finish(self, final: str) -> None:
+        if not self.job.stream:
+            return
         if not final.startswith(self.sent):  # should not happen; never resend text
             log.warning("streamed text %r is not a prefix of the reply %r", self.sent, final)
             return
@@ -424,220 +496,181 @@ class _PromptBound:
         return cls(tuple(steps), tuple(most), drop)
 
 
-# --- the server ---------------------------------------------------------------------------------
+# --- metrics ------------------------------------------------------------------------------------
 
 
-class SteeringServer(ThreadingHTTPServer):
-    """The HTTP server and the worker thread that owns the model.
+class _Metrics:
+    """The counters behind ``/metrics`` (Prometheus text format); safe to use from any thread."""
 
-    ``serve_forever()`` serves until ``shutdown()`` (call it from another thread, or after
-    ``serve_forever`` returned on Ctrl-C); ``shutdown()`` also answers every waiting request
-    with 503, stops the running generation at its next token and joins the worker. ``url`` is
-    ``http://host:port`` (the real port when created with port 0). ``start()`` serves from a
-    daemon thread, for tests and notebooks; ``with`` shuts down on exit.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.tokens = 0
+        self.generation_seconds = 0.0
+        self.replies = 0
+        self.gate_opens = 0
+        self.gate_checks = 0
+        self.stopped_by_string = 0
+        self.aborted = 0
 
-    Each connection gets a thread, at most ``limits.max_connections`` at once; a connection over
-    the cap is answered 503 (``too_many_connections``, ``Retry-After: 1``) by one small thread that
-    waits at most half a second for the client's request before closing, or, when that thread
-    already has 64 waiting, closed at once.
+    def request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            key = (endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def reply(self, r: SteeredResponse, seconds: float) -> None:
+        with self._lock:
+            self.replies += 1
+            self.tokens += len(r.token_ids)
+            self.generation_seconds += seconds
+            if r.report.gate_open is not None:
+                self.gate_checks += 1
+                self.gate_opens += bool(r.report.gate_open)
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def render(self, queued: int, running: int, connections: int) -> str:
+        with self._lock:
+            rows: list[tuple[str, str, str, list[tuple[str, float]]]] = [
+                ("steerlex_requests_total", "counter", "HTTP requests answered, by endpoint "
+                 "and status code (refusals are the 4xx and 5xx).",
+                 [(f'{{endpoint="{e}",status="{s}"}}', n)
+                  for (e, s), n in sorted(self.requests.items())]),
+                ("steerlex_queue_depth", "gauge", "Requests waiting for the model.",
+                 [("", queued)]),
+                ("steerlex_running", "gauge", "Generations running now (0 or 1).",
+                 [("", running)]),
+                ("steerlex_connections", "gauge", "Open client connections.",
+                 [("", connections)]),
+                ("steerlex_replies_total", "counter", "Replies generated to the end.",
+                 [("", self.replies)]),
+                ("steerlex_generated_tokens_total", "counter", "Tokens generated in those "
+                 "replies.", [("", self.tokens)]),
+                ("steerlex_generation_seconds_total", "counter", "Seconds the model spent "
+                 "generating them.", [("", self.generation_seconds)]),
+                ("steerlex_tokens_per_second", "gauge", "Generated tokens per second of "
+                 "generation, over the server's life.",
+                 [("", self.tokens / self.generation_seconds if self.generation_seconds else 0)]),
+                ("steerlex_gate_checks_total", "counter", "Replies whose strategy has a "
+                 "condition (gate).", [("", self.gate_checks)]),
+                ("steerlex_gate_opens_total", "counter", "Replies whose gate opened (steering "
+                 "applied).", [("", self.gate_opens)]),
+                ("steerlex_stop_string_total", "counter", "Replies cut at a stop string.",
+                 [("", self.stopped_by_string)]),
+                ("steerlex_aborted_total", "counter", "Generations stopped by a shutdown.",
+                 [("", self.aborted)]),
+            ]  # fmt: skip
+        lines: list[str] = []
+        for name, kind, help_, samples in rows:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{labels} {_prom_number(v)}" for labels, v in samples]
+        return "\n".join(lines) + "\n"
+
+
+def _prom_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# --- the model worker ---------------------------------------------------------------------------
+
+
+class ModelWorker:
+    """The one thread that owns the model: it runs queued jobs one at a time, in arrival order.
+
+    The HTTP layer only calls :meth:`submit` (and reads :meth:`queued`), so an engine that
+    batches can take its place. The model is not thread-safe; nothing else may generate with it
+    while the worker runs. :meth:`close` refuses new jobs and answers the waiting ones with 503;
+    :meth:`abort` stops the running one at its next token; :meth:`join` waits for the thread.
     """
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # listen backlog: bursts of connections wait instead of being reset
-
-    def __init__(
-        self,
-        steered: SteeredModel,
-        address: tuple[str, int],
-        *,
-        model_name: str,
-        api_key: str | None,
-        limits: ServerLimits,
-    ) -> None:
-        super().__init__(address, _Handler)
+    def __init__(self, steered: SteeredModel, limits: ServerLimits, metrics: _Metrics) -> None:
         self.steered = steered
-        self.model_name = model_name
-        self.api_key = api_key.encode("utf-8") if api_key else None
         self.limits = limits
-        self.created = int(time.time())
+        self.metrics = metrics
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=limits.max_queue)
-        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._closing = False
         self._running: _Job | None = None
+        self._idle = threading.Event()
+        self._idle.set()
         self._job_seconds = 1.0  # moving average, for Retry-After
-        self._serving = threading.Event()
-        self._shutdown_lock = threading.Lock()
-        self._closed = False
-        self._connections = 0
-        self._connections_lock = threading.Lock()
-        self._refusals: queue.Queue[socket.socket] = queue.Queue(maxsize=64)
-        # read on this thread, before the worker exists: the tokenizer is not shared yet
-        self.prompt_bound = _PromptBound.of(steered.loaded.tokenizer)
-        self._worker = threading.Thread(
-            target=self._work, name="steerlex-serve-worker", daemon=True
-        )
-        self._worker.start()
-        self._refuser = threading.Thread(
-            target=self._refuse_loop, name="steerlex-serve-refuser", daemon=True
-        )
-        self._refuser.start()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = str(host)
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
-
-    # --- lifecycle ----------------------------------------------------------------------------
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._serving.set()
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            self._serving.clear()
-
-    def start(self) -> threading.Thread:
-        """Serve from a daemon thread; returns once the server accepts connections."""
-        thread = threading.Thread(target=self.serve_forever, name="steerlex-serve", daemon=True)
-        thread.start()
-        self._serving.wait(5.0)
-        return thread
-
-    def shutdown(self) -> None:
-        with self._shutdown_lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._closing.set()
-        if self._serving.is_set():
-            super().shutdown()
-        busy = ApiError(503, "the server is shutting down; retry later.", type="server_error")
-        while True:
-            try:
-                self.jobs.get_nowait().events.put(("error", busy))
-            except queue.Empty:
-                break
-        running = self._running
-        if running is not None:
-            running.cancelled.set()
-        self._worker.join(timeout=30.0)
-        self._refuser.join(timeout=5.0)
-        while True:
-            try:
-                self._refusals.get_nowait().close()
-            except queue.Empty:
-                break
-        self.server_close()
-
-    def __enter__(self) -> SteeringServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-
-    # --- connections --------------------------------------------------------------------------
-
-    def connections(self) -> int:
-        """How many connections are being served now (each on its own thread)."""
-        return self._connections
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            full = self._connections >= self.limits.max_connections
-            if not full:
-                self._connections += 1
-        if full:
-            try:
-                self._refusals.put_nowait(request)
-            except queue.Full:  # a flood: close without an answer rather than wait
-                self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._connections_lock:
-            self._connections -= 1
-
-    def _refuse_loop(self) -> None:
-        exc = ApiError(
-            503,
-            f"the server has too many open connections (limit max_connections="
-            f"{self.limits.max_connections}); retry in a moment.",
-            type="server_error", code="too_many_connections",
-        )  # fmt: skip
-        answer = _http_bytes(503, "Service Unavailable", _dumps(exc.body()), {"Retry-After": "1"})
-        while not self._closing.is_set():
-            try:
-                sock = self._refusals.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                sock.settimeout(0.5)
-                sock.sendall(answer)
-                sock.shutdown(socket.SHUT_WR)
-                # read the request (up to half a second), so closing does not reset the
-                # connection before the client has read the answer
-                deadline = time.monotonic() + 0.5
-                while (left := deadline - time.monotonic()) > 0:
-                    sock.settimeout(left)
-                    if not sock.recv(65536):
-                        break
-            except OSError:
-                pass
-            finally:
-                sock.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, _ReadDeadline)):
-            log.info("connection from %s ended: %r", client_address, exc)
-        else:
-            log.exception("connection from %s failed", client_address)
-
-    # --- queue --------------------------------------------------------------------------------
+        self._thread = threading.Thread(target=self._work, name="steerlex-serve-worker",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
 
     def submit(self, job: _Job) -> None:
         """Queue ``job``, or raise 429 (queue full) / 503 (shutting down)."""
-        if self._closing.is_set():
-            raise ApiError(503, "the server is shutting down; retry later.", type="server_error")
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            wait = max(1, min(60, math.ceil(self._job_seconds * (self.jobs.qsize() + 1))))
-            raise ApiError(
-                429,
-                f"the server is busy: {self.limits.max_queue} requests are already waiting "
-                f"(limit max_queue={self.limits.max_queue}); retry after {wait} s.",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(wait)},
-            ) from None
+        with self._lock:
+            if self._closing:
+                raise _shutting_down()
+            try:
+                self.jobs.put_nowait(job)
+            except queue.Full:
+                wait = max(1, min(60, math.ceil(self._job_seconds * (self.jobs.qsize() + 1))))
+                raise ApiError(
+                    429,
+                    f"the server is busy: {self.limits.max_queue} requests are already waiting "
+                    f"(limit max_queue={self.limits.max_queue}); retry after {wait} s.",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(wait)},
+                ) from None
+            self._idle.clear()
 
     def queued(self) -> int:
         return self.jobs.qsize()
 
+    def running(self) -> int:
+        return int(self._running is not None)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        """Take no more jobs; answer every waiting one with 503."""
+        with self._lock:
+            self._closing = True
+        while True:
+            try:
+                self.jobs.get_nowait().events.put(("error", _shutting_down()))
+            except queue.Empty:
+                break
+
+    def wait_idle(self, seconds: float, hurry: threading.Event | None = None) -> bool:
+        """Wait up to ``seconds`` for the running job to end (sooner once ``hurry`` is set)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._idle.wait(min(left, 0.1)):
+                return True
+            if hurry is not None and hurry.is_set():
+                return False
+        return self._idle.is_set()
+
+    def abort(self, reason: str) -> None:
+        """Stop the running job at its next token; it ends with an error saying ``reason``."""
+        running = self._running
+        if running is not None:
+            running.cancel_reason = reason
+            running.cancelled.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
     def _work(self) -> None:
         while True:
             try:
-                job = self.jobs.get(timeout=0.2)
+                job = self.jobs.get(timeout=0.1)
             except queue.Empty:
-                if self._closing.is_set():
-                    return
+                with self._lock:
+                    if self.jobs.empty():
+                        self._idle.set()
+                    if self._closing:
+                        return
                 continue
-            if self._closing.is_set():
-                busy = ApiError(503, "the server is shutting down.", type="server_error")
-                job.events.put(("error", busy))
+            if self._closing:
+                job.events.put(("error", _shutting_down()))
                 continue
             if job.cancelled.is_set():
                 continue
@@ -652,17 +685,19 @@ class SteeringServer(ThreadingHTTPServer):
     def _run(self, job: _Job) -> None:
         steered = self.steered
         tok = steered.loaded.tokenizer
+        streamer: _Streamer | None = None
         try:
             encoded = encode_chat(tok, job.messages)
             n_prompt = len(encoded.input_ids)
-            _check_prompt_fits(n_prompt, "", job, self)
+            _check_prompt_fits(n_prompt, "", job, self.limits, steered)
             job.events.put(("start", n_prompt))
             # A shallow copy shares the model, SAE and call lock but holds this request's own
             # strategy and on/off state, so no request changes what another one sees.
             view = copy.copy(steered)
             view.strategy = job.strategy
             view.enabled = job.enabled
-            streamer = _Streamer(tok, job) if job.stream else None
+            streamer = _Streamer(tok, job) if job.stream or job.stop else None
+            t0 = time.perf_counter()
             with _watch_tokens(steered, job, streamer):
                 s = job.sampling
                 response = view.generate(
@@ -673,13 +708,25 @@ class SteeringServer(ThreadingHTTPServer):
                     top_p=s.top_p,
                     seed=s.seed,
                 )[0]
+            self.metrics.reply(response, time.perf_counter() - t0)
+            if job.stop:
+                cut = _cut_at_stop(response.text, job.stop)
+                if cut is not None or (streamer is not None and streamer.stopped):
+                    text = response.text if cut is None else response.text[:cut]
+                    response = dataclasses.replace(response, text=text, finish_reason="stop")
+                    self.metrics.count("stopped_by_string")
             if streamer is not None:
                 streamer.finish(response.text)
             job.events.put(("done", response))
         except _Cancelled:  # the client left or the server is shutting down
-            job.events.put(
-                ("error", ApiError(503, "the request was stopped.", type="server_error"))
-            )
+            if job.cancel_reason is not None:
+                self.metrics.count("aborted")
+            sent = len(streamer.ids) if streamer is not None else 0
+            reason = job.cancel_reason or "the request was stopped"
+            job.events.put(("error", ApiError(
+                503, f"{reason}: the reply was cut off after {sent} generated tokens; retry "
+                "later.", type="server_error", code="generation_aborted",
+            )))  # fmt: skip
         except ApiError as exc:
             job.events.put(("error", exc))
         except SteerlexError as exc:
@@ -691,15 +738,35 @@ class SteeringServer(ThreadingHTTPServer):
             )
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; retry later.", type="server_error",
+                    code="server_shutting_down", headers={"Retry-After": "5"})  # fmt: skip
+
+
+def _eos_id(steered: SteeredModel) -> int | None:
+    """The token that ends a reply (the first of the model's EOS ids), or None."""
+    eos = getattr(steered.loaded.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = steered.loaded.tokenizer.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
 @contextlib.contextmanager
 def _watch_tokens(steered: SteeredModel, job: _Job, streamer: _Streamer | None) -> Iterator[None]:
-    """While generating: stop on cancellation and feed each new token to the streamer.
+    """While generating: stop on cancellation, feed each new token to the streamer, and end the
+    reply once it holds a stop string.
 
     A forward pre-hook on the input embeddings sees every token fed back into the model (each
     generated token but the last, which the final text carries); the first call is the prefill.
+    Once the streamer has seen a stop string, a forward hook on the output embeddings makes EOS
+    the only possible next token, so generation ends there (finish_reason "stop") with its
+    steering report, instead of running on to ``max_tokens``.
     """
     calls = 0
     worker = threading.get_ident()
+    model = steered.loaded.model
 
     def hook(module: Any, args: tuple[Any, ...]) -> None:
         nonlocal calls
@@ -713,152 +780,201 @@ def _watch_tokens(steered: SteeredModel, job: _Job, streamer: _Streamer | None) 
             if hasattr(ids, "shape") and ids.dim() == 2 and ids.shape[1] == 1:
                 streamer.push(int(ids[0, 0]))
 
-    handle = steered.loaded.model.get_input_embeddings().register_forward_pre_hook(hook)
+    eos = _eos_id(steered) if job.stop else None
+
+    def force_eos(module: Any, args: tuple[Any, ...], output: Any) -> Any:
+        if threading.get_ident() != worker or streamer is None or not streamer.stopped:
+            return None
+        if not hasattr(output, "dim") or output.dim() != 3:
+            return None
+        forced = output.clone()
+        forced[:, -1, :] = float("-inf")
+        forced[:, -1, eos] = 0.0
+        return forced
+
+    handles = [model.get_input_embeddings().register_forward_pre_hook(hook)]
+    head = model.get_output_embeddings() if eos is not None else None
+    if head is not None:
+        handles.append(head.register_forward_hook(force_eos))
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-# --- HTTP ---------------------------------------------------------------------------------------
+# --- HTTP: the connection layer (uvicorn's h11 protocol with a total read deadline and a cap) -----
 
 
-class _ReadDeadline(Exception):
-    """The client did not send its whole request within ``read_timeout`` (not a TimeoutError, so
-    that ``BaseHTTPRequestHandler`` does not swallow it silently while reading the request line)."""
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus the two guards the ASGI app cannot see.
 
+    Read deadline: from the moment a connection opens (or its previous reply ends, on a
+    keep-alive connection) the client has ``read_timeout`` seconds in all to send its request
+    line, headers and body; then it gets 408 and is closed. (uvicorn alone bounds only the idle
+    time between requests: a client dripping a byte a second would hold its connection forever.)
 
-class _DeadlineReader(io.RawIOBase):
-    """The socket's input, with one deadline for everything read until :meth:`end`.
-
-    A socket timeout bounds each read only: a client sending one byte a second would never trip
-    it. Here every read waits at most for what is left of the deadline.
+    Connection cap: a connection opened while ``max_connections`` others are open is answered
+    503 (``too_many_connections``, ``Retry-After: 1``) as soon as its request line and headers
+    are in, or after half a second, and closed; it never reaches the app.
     """
 
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
-        super().__init__()
-        self.sock = sock
-        self.seconds = seconds
-        self.deadline: float | None = time.monotonic() + seconds
+    srv: SteeringServer  # set on the per-server subclass
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self.deadline is None:
-            return self.sock.recv_into(buffer)
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _ReadDeadline
-        self.sock.settimeout(left)
-        try:
-            return self.sock.recv_into(buffer)
-        except TimeoutError:
-            raise _ReadDeadline from None
-
-    def end(self) -> None:
-        """The request is in: from now on only the per-operation timeout (for the writes)."""
-        if self.deadline is not None:
-            self.deadline = None
-            self.sock.settimeout(self.seconds)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: SteeringServer
-    # HTTP/1.0: one request per connection and a stream ends when the connection closes.
-    protocol_version = "HTTP/1.0"
-    server_version = "steerlex"
-    sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        # one deadline for the request line, headers and body (slowloris, slow drip); afterwards
-        # read_timeout bounds each write of the reply
-        seconds = self.server.limits.read_timeout
-        self.connection.settimeout(seconds)
-        self._reader = _DeadlineReader(self.connection, seconds)
-        plain, self.rfile = self.rfile, io.BufferedReader(self._reader)
-        plain.close()
-
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        except _ReadDeadline:
-            self._send_timeout()
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-
-    def _send_timeout(self) -> None:
-        """408 (written by hand: the request line may not even be parsed) and close."""
-        self.close_connection = True
-        seconds = self.server.limits.read_timeout
-        log.info("%s sent no whole request within %g s", self.address_string(), seconds)
-        exc = ApiError(
-            408,
-            f"the request did not arrive within read_timeout={seconds:g} s (request line, headers "
-            "and body together); send it at once.",
-            code="request_timeout",
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._expired = False
+        self._deadline: asyncio.TimerHandle | None = None
+        limits = self.srv.limits
+        self.refused = sum(not getattr(c, "refused", False) for c in self.connections) > (
+            limits.max_connections
         )
-        with contextlib.suppress(OSError):
-            self.connection.settimeout(1.0)
-            self.connection.sendall(_http_bytes(408, "Request Timeout", _dumps(exc.body())))
+        if self.refused:
+            self.app = self.srv._refuse_app
+        self._arm(0.5 if self.refused else limits.read_timeout)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expire)
 
-    # --- routing ------------------------------------------------------------------------------
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
+    def data_received(self, data: bytes) -> None:
+        if self._expired:  # answered 408: read and drop the rest until the close
+            return
+        super().data_received(data)
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
+            self._disarm()  # the whole request is in
 
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self._arm(self.srv.limits.read_timeout)  # the next request on this connection
 
-    def _dispatch(self, method: str) -> None:
-        if method != "POST":  # nothing more to read
-            self._reader.end()
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        routes = {
-            "/health": ("GET", self._health, False),
-            "/v1/models": ("GET", self._models, True),
-            "/v1/chat/completions": ("POST", self._chat, True),
+    def _expire(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+            return
+        self._expired = True
+        if self.refused:
+            status, reason, exc = 503, "Service Unavailable", self.srv._too_many()
+        else:
+            seconds = self.srv.limits.read_timeout
+            log.info("%s sent no whole request within %g s", self.client, seconds)
+            status, reason = 408, "Request Timeout"
+            exc = ApiError(
+                408,
+                f"the request did not arrive within read_timeout={seconds:g} s (request line, "
+                "headers and body together); send it at once.",
+                code="request_timeout",
+            )
+        self.srv.metrics.request("other", status)
+        self.transport.write(_http_bytes(status, reason, _dumps(exc.body()), exc.headers))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        # close a moment later, so that the client reads the answer before the connection goes
+        self.loop.call_later(0.5, self.transport.close)
+
+
+# --- HTTP: the ASGI app -------------------------------------------------------------------------
+
+
+_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
+
+
+class _Gone(Exception):
+    """The client disconnected (or hit the read deadline) while sending its body."""
+
+
+class _App:
+    """The Starlette app of one :class:`SteeringServer`: routes, auth, body limits, streaming."""
+
+    def __init__(self, srv: SteeringServer) -> None:
+        self.srv = srv
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+        ]
+        handlers: dict[Any, Any] = {
+            ApiError: self.api_error,
+            HTTPException: self.http_error,
+            _Gone: self.gone,
+            Exception: self.bug,
         }
-        try:
-            model_path = path.startswith("/v1/models/")
-            if path not in routes and not model_path:
-                raise ApiError(404, f"no endpoint {path}; see /v1/chat/completions, /v1/models.")
-            want, fn, auth = routes.get(path, ("GET", self._model, True))
-            if method != want:
-                raise ApiError(405, f"{path} takes {want}, not {method}.")
-            if auth:
-                self._authorize()
-            fn()
-        except ApiError as exc:
-            self._send_error(exc)
-        except _ReadDeadline:
-            self._send_timeout()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass  # the client left or was too slow; nobody to answer
-        except Exception as exc:  # a bug: answer 500 and keep serving
-            log.exception("request failed")
-            with contextlib.suppress(OSError):
-                self._send_error(ApiError(500, f"internal error: {exc}", type="server_error"))
+        self.app = Starlette(routes=routes, exception_handlers=handlers)
 
-    def _authorize(self) -> None:
-        key = self.server.api_key
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Count each answer in ``/metrics`` by endpoint and status."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = str(scope.get("path", ""))
+        endpoint = "/v1/models" if path.startswith("/v1/models/") else path
+        endpoint = endpoint if endpoint in _ENDPOINTS else "other"
+        status = [500]
+
+        async def counting_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.srv.metrics.request(endpoint, status[0])
+
+    # --- errors -------------------------------------------------------------------------------
+
+    async def api_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return _json(exc.status, exc.body(), exc.headers)
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "GET")
+            err = ApiError(405, f"{path} takes {allowed}, not {request.method}.")
+        elif exc.status_code == 404:
+            err = ApiError(404, f"no endpoint {path}; see /v1/chat/completions, /v1/models.")
+        else:
+            err = ApiError(exc.status_code, str(exc.detail))
+        return _json(err.status, err.body(), exc.headers)
+
+    async def gone(self, request: Request, exc: Exception) -> Response:
+        return Response(status_code=400)  # nobody reads it: the connection is closed
+
+    async def bug(self, request: Request, exc: Exception) -> Response:
+        log.error("request failed", exc_info=exc)
+        err = ApiError(500, f"internal error: {exc}", type="server_error")
+        return _json(500, err.body())
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        key = self.srv.api_key
         if key is None:
             return
-        header = self.headers.get("Authorization", "")
+        header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         given = token.strip().encode("utf-8", "surrogateescape")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(given, key)
-        if not ok:
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(given, key)):
             raise ApiError(
                 401,
                 "missing or wrong API key; send the header Authorization: Bearer <key>.",
@@ -867,18 +983,23 @@ class _Handler(BaseHTTPRequestHandler):
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    # --- endpoints ----------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        srv = self.srv
+        closing = srv.closing()
+        data = {"status": "shutting_down" if closing else "ok", "model": srv.model_name,
+                "model_loaded": srv.worker.alive(), "queued": srv.queued(),
+                "running": srv.worker.running(), "max_queue": srv.limits.max_queue,
+                "connections": srv.connections(),
+                "max_connections": srv.limits.max_connections}  # fmt: skip
+        return _json(503 if closing else 200, data)
 
-    def _health(self) -> None:
-        srv = self.server
-        self._send_json(
-            200, {"status": "ok", "model": srv.model_name, "queued": srv.queued(),
-                  "max_queue": srv.limits.max_queue, "connections": srv.connections(),
-                  "max_connections": srv.limits.max_connections}
-        )  # fmt: skip
+    async def metrics(self, request: Request) -> Response:
+        srv = self.srv
+        text = srv.metrics.render(srv.queued(), srv.worker.running(), srv.connections())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _model_card(self) -> dict[str, Any]:
-        srv = self.server
+        srv = self.srv
         return {
             "id": srv.model_name,
             "object": "model",
@@ -891,57 +1012,77 @@ class _Handler(BaseHTTPRequestHandler):
             },
         }
 
-    def _models(self) -> None:
-        self._send_json(200, {"object": "list", "data": [self._model_card()]})
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return _json(200, {"object": "list", "data": [self._model_card()]})
 
-    def _model(self) -> None:
-        name = self.path.split("?", 1)[0].removeprefix("/v1/models/")
-        if name != self.server.model_name:
+    async def model(self, request: Request) -> Response:
+        self._authorize(request)
+        name = request.path_params["model_id"]
+        if name != self.srv.model_name:
             raise ApiError(404, f"model {name!r} not found; this server serves "
-                           f"{self.server.model_name!r}.", code="model_not_found")  # fmt: skip
-        self._send_json(200, self._model_card())
+                           f"{self.srv.model_name!r}.", code="model_not_found")  # fmt: skip
+        return _json(200, self._model_card())
 
-    def _chat(self) -> None:
-        srv = self.server
-        body = self._read_json()
+    async def chat(self, request: Request) -> Response:
+        srv = self.srv
+        self._authorize(request)
+        body = await self._read_json(request)
         job, include_usage = _parse_chat(body, srv)
-        _check_prompt_bound(job, srv)
-        srv.submit(job)
-        try:
-            kind, value = self._next_event(job)
-            if kind == "error":
-                raise value
-            prompt_tokens = int(value)
-            rid = f"chatcmpl-{uuid.uuid4().hex}"
-            if job.stream:
-                self._stream(job, rid, prompt_tokens, include_usage)
-                return
-            while kind != "done":
-                kind, value = self._next_event(job)
+        if srv.prompt_bound is not None:  # renders the chat template: off the event loop
+            await asyncio.to_thread(_check_prompt_bound, job, srv)
+        srv.worker.submit(job)
+        if job.stream:
+            try:
+                kind, value = await self._next(job)
                 if kind == "error":
                     raise value
-            self._send_json(200, _completion(rid, srv.model_name, value, job))
+            except BaseException:
+                job.cancelled.set()
+                raise
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            return StreamingResponse(
+                self._stream(job, rid, int(value), include_usage),
+                media_type="text/event-stream; charset=utf-8",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        watcher = asyncio.create_task(self._watch_disconnect(request, job))
+        try:
+            while True:
+                kind, value = await self._next(job)
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+            rid = f"chatcmpl-{uuid.uuid4().hex}"
+            return _json(200, _completion(rid, srv.model_name, value, job))
         finally:
-            job.cancelled.set()  # a no-op once done; frees the worker if this thread leaves
+            watcher.cancel()
+            job.cancelled.set()  # a no-op once done
 
-    def _next_event(self, job: _Job) -> tuple[str, Any]:
+    async def _watch_disconnect(self, request: Request, job: _Job) -> None:
+        """Cancel ``job`` when its client leaves before the reply."""
         while True:
-            try:
-                return job.events.get(timeout=1.0)
-            except queue.Empty:
-                if self.server._closing.is_set() and not self.server._worker.is_alive():
-                    return "error", ApiError(503, "the server shut down.", type="server_error")
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancelled.set()
+                return
 
-    def _stream(self, job: _Job, rid: str, prompt_tokens: int, include_usage: bool) -> None:
-        srv = self.server
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
+    async def _next(self, job: _Job) -> tuple[str, Any]:
+        while True:
+            event = await job.events.get(1.0)
+            if event is not None:
+                return event
+            if not self.srv.worker.alive():
+                return "error", ApiError(503, "the server shut down.", type="server_error")
+
+    async def _stream(
+        self, job: _Job, rid: str, prompt_tokens: int, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        srv = self.srv
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> None:
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
             data: dict[str, Any] = {
                 "id": rid,
                 "object": "chat.completion.chunk",
@@ -954,36 +1095,36 @@ class _Handler(BaseHTTPRequestHandler):
             if include_usage:
                 data["usage"] = None
             data.update(extra)
-            self._sse(data)
+            return _sse(data)
 
-        chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = self._next_event(job)
-            if kind == "delta":
-                chunk({"content": value})
-            elif kind == "done":
-                r: SteeredResponse = value
-                chunk({}, r.finish_reason, steerlex=_steerlex_field(r, job))
-                if include_usage:
-                    self._sse(
-                        {"id": rid, "object": "chat.completion.chunk", "created": created,
-                         "model": srv.model_name, "choices": [],
-                         "usage": _usage(prompt_tokens, len(r.token_ids))}
-                    )  # fmt: skip
-                break
-            else:  # an error after the headers went out: report it in the stream
-                self._sse(value.body())
-                break
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await self._next(job)
+                if kind == "delta":
+                    yield chunk({"content": value})
+                elif kind == "done":
+                    r: SteeredResponse = value
+                    yield chunk({}, r.finish_reason, steerlex=_steerlex_field(r, job))
+                    if include_usage:
+                        yield _sse(
+                            {"id": rid, "object": "chat.completion.chunk", "created": created,
+                             "model": srv.model_name, "choices": [],
+                             "usage": _usage(prompt_tokens, len(r.token_ids))}
+                        )  # fmt: skip
+                    break
+                elif kind == "error":  # after the headers went out: report it in the stream
+                    yield _sse(value.body())
+                    break
+            yield b"data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # a no-op once done; frees the worker if the client left
 
-    # --- I/O ----------------------------------------------------------------------------------
-
-    def _read_json(self) -> Any:
-        limits = self.server.limits
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+    async def _read_json(self, request: Request) -> Any:
+        limits = self.srv.limits
+        if "chunked" in request.headers.get("transfer-encoding", "").lower():
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length.")
-        length_header = self.headers.get("Content-Length")
+        length_header = request.headers.get("content-length")
         if length_header is None:
             raise ApiError(411, "the request has no Content-Length header.")
         try:
@@ -999,8 +1140,13 @@ class _Handler(BaseHTTPRequestHandler):
                 f"{limits.max_body_bytes}.",
                 code="request_too_large",
             )
-        raw = self.rfile.read(length)
-        self._reader.end()
+        parts: list[bytes] = []
+        try:
+            async for part in request.stream():
+                parts.append(part)
+        except ClientDisconnect:
+            raise _Gone from None
+        raw = b"".join(parts)
         if len(raw) != length:
             raise ApiError(400, f"the body ended after {len(raw)} of {length} bytes.")
         too_deep = ApiError(
@@ -1025,23 +1171,240 @@ class _Handler(BaseHTTPRequestHandler):
             raise too_deep
         return body
 
-    def _send_json(self, status: int, data: Any, headers: Mapping[str, str] | None = None) -> None:
-        payload = _dumps(data)
-        self._reader.end()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(payload)
 
-    def _send_error(self, exc: ApiError) -> None:
-        self._send_json(exc.status, exc.body(), exc.headers)
+def _json(status: int, data: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(_dumps(data), status_code=status, headers=dict(headers or {}),
+                    media_type="application/json")  # fmt: skip
 
-    def _sse(self, data: Any) -> None:
-        self.wfile.write(b"data: " + _dumps(data) + b"\n\n")
-        self.wfile.flush()
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + _dumps(data) + b"\n\n"
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server without its signal handling (the owner of the process decides what a
+    signal does: see :meth:`SteeringServer.shutdown`), telling when it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.accepting = threading.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.accepting.set()
+
+
+class SteeringServer:
+    """The HTTP server (Starlette on uvicorn, in its own thread) and the model worker thread.
+
+    ``start()`` serves from a background thread and returns once connections are accepted;
+    ``serve_forever()`` does the same and blocks until :meth:`shutdown` (from a signal handler's
+    thread, say) has finished. ``url`` is ``http://host:port`` (the real port when created with
+    port 0). ``with`` shuts down on exit.
+
+    :meth:`shutdown` is graceful: new and waiting requests get 503 at once; the running
+    generation has ``shutdown_grace`` seconds to finish (its reply is then sent whole), else it
+    is stopped at its next token and its client gets an error (a 503, or in a stream an
+    ``{"error": ...}`` event and ``data: [DONE]``); then the worker is joined, the connections are
+    closed and the port freed. It returns only when all of that is done, from any thread, however
+    often it is called.
+    """
+
+    address_family = socket.AF_INET
+    allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: bursts of connections wait instead of being reset
+
+    def __init__(
+        self,
+        steered: SteeredModel,
+        address: tuple[str, int],
+        *,
+        model_name: str,
+        api_key: str | None,
+        limits: ServerLimits,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else self.address_family
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(self.request_queue_size)
+        except BaseException:
+            sock.close()
+            raise
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.steered = steered
+        self.model_name = model_name
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.limits = limits
+        self.shutdown_grace = shutdown_grace
+        self.created = int(time.time())
+        self.metrics = _Metrics()
+        # read on this thread, before the worker exists: the tokenizer is not shared yet
+        self.prompt_bound = _PromptBound.of(steered.loaded.tokenizer)
+        self.worker = ModelWorker(steered, limits, self.metrics)
+        self.app = _App(self)
+        protocol = type("_ServerProtocol", (_Protocol,), {"srv": self})
+        config = uvicorn.Config(
+            self.app, http=protocol, lifespan="off", log_config=None, access_log=False,
+            proxy_headers=False, server_header=False, date_header=True, ws="none",
+            loop="asyncio", interface="asgi3", backlog=self.request_queue_size,
+            timeout_keep_alive=5, timeout_graceful_shutdown=5,
+            headers=[("server", "steerlex")],
+        )  # fmt: skip
+        self._uvicorn = _Uvicorn(config)
+        self._thread: threading.Thread | None = None
+        self._serving = threading.Event()
+        self._closing = threading.Event()
+        self._hurry = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        """Serve from a background thread; returns once the server accepts connections."""
+        with self._lock:
+            if self._closing.is_set():
+                raise SteeringError("this server was shut down; make a new one.")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="steerlex-serve",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+        thread = self._thread
+        deadline = time.monotonic() + 10
+        while not self._uvicorn.accepting.wait(0.05):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                break
+        if self._uvicorn.accepting.is_set():
+            self._serving.set()
+        return thread
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self._uvicorn.serve(sockets=[self.socket]))
+        except BaseException:  # SystemExit from a failed startup, or a bug
+            log.exception("the HTTP server stopped")
+        finally:
+            self._serving.clear()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` has finished.
+
+        On the main thread it also owns SIGTERM and SIGINT while it serves (the previous
+        handlers come back afterwards): the first such signal starts :meth:`shutdown` on another
+        thread, a second one cuts its grace short (:meth:`hurry`). Either way this returns only
+        once the worker is joined and the port closed, so the process can exit cleanly.
+        """
+        thread = self.start()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            while not self._closed.is_set() and thread.is_alive():
+                thread.join(0.2)
+            if self._closing.is_set():
+                while not self._closed.wait(0.2):
+                    pass
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._closing.is_set():
+            log.warning("signal %d again: stopping the running generation now", signum)
+            self.hurry()
+            return
+        log.warning(
+            "signal %d: shutting down (waiting requests get 503; the running one has %g s)",
+            signum, self.shutdown_grace,
+        )  # fmt: skip
+        self._closing_thread = threading.Thread(
+            target=self.shutdown, name="steerlex-serve-shutdown", daemon=True
+        )
+        self._closing_thread.start()
+
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    def hurry(self) -> None:
+        """Cut the shutdown's grace short: stop the running generation now."""
+        self._hurry.set()
+        self.worker.abort("the server is shutting down")
+
+    def shutdown(self) -> None:
+        """Stop gracefully (see the class); returns once everything is stopped."""
+        with self._lock:
+            first = not self._closing.is_set()
+            self._closing.set()
+        if not first:  # another thread is shutting down: wait for it to finish
+            self._closed.wait()
+            return
+        try:
+            self.worker.close()
+            if not self.worker.wait_idle(self.shutdown_grace, self._hurry):
+                self.worker.abort("the server is shutting down")
+            self.worker.join(timeout=60.0)
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                self._uvicorn.should_exit = True
+                thread.join(timeout=30.0)
+            self.socket.close()
+        finally:
+            self._closed.set()
+
+    def __enter__(self) -> SteeringServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- state --------------------------------------------------------------------------------
+
+    def connections(self) -> int:
+        """How many client connections are open now (refused ones over the cap not counted)."""
+        return sum(not getattr(c, "refused", False) for c in self._uvicorn.server_state.connections)
+
+    def queued(self) -> int:
+        return self.worker.queued()
+
+    def submit(self, job: _Job) -> None:
+        """Queue ``job`` on the worker, or raise 429 (queue full) / 503 (shutting down)."""
+        self.worker.submit(job)
+
+    def _too_many(self) -> ApiError:
+        return ApiError(
+            503,
+            f"the server has too many open connections (limit max_connections="
+            f"{self.limits.max_connections}); retry in a moment.",
+            type="server_error", code="too_many_connections", headers={"Retry-After": "1"},
+        )  # fmt: skip
+
+    async def _refuse_app(self, scope: Any, receive: Any, send: Any) -> None:
+        """The ASGI app of a connection over the cap: 503 and close."""
+        exc = self._too_many()
+        payload = _dumps(exc.body())
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                   (b"retry-after", b"1"), (b"content-length", str(len(payload)).encode())]  # fmt: skip
+        self.metrics.request("other", 503)
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -1076,8 +1439,10 @@ def _dumps(data: Any) -> bytes:
 def _http_bytes(
     status: int, reason: str, payload: bytes, headers: Mapping[str, str] | None = None
 ) -> bytes:
-    """A whole HTTP/1.0 JSON response, for the paths that cannot use the handler's methods."""
-    lines = [f"HTTP/1.0 {status} {reason}", "Server: steerlex", "Content-Type: application/json",
+    """A whole HTTP/1.1 JSON response that closes the connection, written straight to the
+    transport where there is no request to answer through the app (a request that never
+    arrived whole)."""
+    lines = [f"HTTP/1.1 {status} {reason}", "Server: steerlex", "Content-Type: application/json",
              f"Content-Length: {len(payload)}", "Connection: close"]  # fmt: skip
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
@@ -1151,8 +1516,28 @@ def _parse_chat(body: Any, srv: SteeringServer) -> tuple[_Job, bool]:
                        f"{_show(include_usage)}.", param="stream_options")  # fmt: skip
     sampling = _parse_sampling(body, limits)
     strategy, enabled = _parse_override(body.get("steerlex"), srv.steered, limits)
-    job = _Job(messages, sampling, strategy, enabled, stream)
+    stop = _parse_stop(body.get("stop"))
+    job = _Job(messages, sampling, strategy, enabled, stream, _Events(), stop)
     return job, bool(include_usage)
+
+
+def _parse_stop(value: Any) -> tuple[str, ...]:
+    """``stop``: None, a string or a list of up to :data:`MAX_STOP` strings ("" means none)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ApiError(400, f"stop must be a string or a list of strings, got {_show(value)}.",
+                       param="stop")  # fmt: skip
+    if len(items) > MAX_STOP:
+        raise ApiError(400, f"stop has {len(items)} strings; at most {MAX_STOP} are allowed.",
+                       param="stop")  # fmt: skip
+    for s in items:
+        if len(s) > MAX_STOP_CHARS:
+            raise ApiError(400, f"stop string {_show(s)} is longer than {MAX_STOP_CHARS} "
+                           "characters.", param="stop")  # fmt: skip
+        _check_unicode(s, "a stop string", param="stop")
+    return tuple(dict.fromkeys(s for s in items if s))
 
 
 def _parse_messages(messages: Any, limits: ServerLimits) -> list[dict[str, Any]]:
@@ -1195,7 +1580,7 @@ def _parse_messages(messages: Any, limits: ServerLimits) -> list[dict[str, Any]]
     return out
 
 
-def _check_unicode(text: str, what: str) -> None:
+def _check_unicode(text: str, what: str, param: str = "messages") -> None:
     """400 for text that is not valid Unicode: a lone surrogate, from a JSON escape such as
     ``\\ud800`` without its pair (the tokenizer and UTF-8 cannot hold it)."""
     if text.isascii():
@@ -1208,7 +1593,7 @@ def _check_unicode(text: str, what: str) -> None:
             f"{what} is not valid Unicode: a lone surrogate U+{ord(text[exc.start]):04X} at "
             f"character {exc.start}. JSON \\uD800-\\uDFFF escapes must come in high-low pairs; "
             "or send the text as plain UTF-8.",
-            param="messages", code="invalid_unicode",
+            param=param, code="invalid_unicode",
         ) from None  # fmt: skip
 
 
@@ -1326,14 +1711,16 @@ def _check_prompt_bound(job: _Job, srv: SteeringServer) -> None:
         return
     if not isinstance(text, str):
         return
-    _check_prompt_fits(bound.tokens_at_least(text), "at least ", job, srv)
+    _check_prompt_fits(bound.tokens_at_least(text), "at least ", job, srv.limits, srv.steered)
 
 
-def _check_prompt_fits(n: int, qualifier: str, job: _Job, srv: SteeringServer) -> None:
+def _check_prompt_fits(
+    n: int, qualifier: str, job: _Job, limits: ServerLimits, steered: SteeredModel
+) -> None:
     """Refuse a prompt of ``n`` tokens (``qualifier`` "at least " for a lower bound) over
     ``max_prompt_tokens``, or that leaves no room for the job's ``max_tokens`` in the model's
     context."""
-    limit = srv.limits.max_prompt_tokens
+    limit = limits.max_prompt_tokens
     if n > limit:
         raise ApiError(
             400,
@@ -1341,7 +1728,7 @@ def _check_prompt_fits(n: int, qualifier: str, job: _Job, srv: SteeringServer) -
             "shorten the conversation.",
             param="messages", code="prompt_too_long",
         )  # fmt: skip
-    context = srv.steered.loaded.context_length
+    context = steered.loaded.context_length
     if context is not None and n + job.sampling.max_tokens > context:
         raise ApiError(
             400,
@@ -1400,11 +1787,12 @@ def make_server(
     api_key: str | None = None,
     model_name: str | None = None,
     limits: ServerLimits | None = None,
+    shutdown_grace: float = 10.0,
 ) -> SteeringServer:
     """An OpenAI-compatible server over ``steered``, bound but not yet serving.
 
     Call ``serve_forever()`` (blocking) or ``start()`` (a daemon thread), and ``shutdown()`` when
-    done. ``port=0`` picks a free port (see ``.url``). ``model_name`` is the id clients send as
+    done; ``shutdown_grace`` is how many seconds a running generation gets to finish then. ``port=0`` picks a free port (see ``.url``). ``model_name`` is the id clients send as
     ``model`` (default: the loaded model's short name). With ``api_key`` every ``/v1`` request
     needs ``Authorization: Bearer <api_key>``. While serving, the server owns ``steered``: do not
     generate with it from other threads.
@@ -1417,6 +1805,14 @@ def make_server(
         raise SteeringError("model_name is empty; give the id clients should send as model.")
     if api_key is not None and not api_key.strip():
         raise SteeringError("api_key is empty; give a key or None for no authentication.")
+    if (
+        isinstance(shutdown_grace, bool)
+        or not isinstance(shutdown_grace, (int, float))
+        or not (shutdown_grace >= 0 and math.isfinite(shutdown_grace))
+    ):
+        raise SteeringError(f"shutdown_grace must be a number of seconds >= 0, got "
+                            f"{shutdown_grace!r}.")  # fmt: skip
     return SteeringServer(
-        steered, (host, port), model_name=name, api_key=api_key, limits=limits or ServerLimits()
-    )
+        steered, (host, port), model_name=name, api_key=api_key, limits=limits or ServerLimits(),
+        shutdown_grace=float(shutdown_grace),
+    )  # fmt: skip
