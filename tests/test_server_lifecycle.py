@@ -181,21 +181,22 @@ def test_shutdown_without_grace_ends_a_stream_with_an_error_event(steered: Steer
     )  # fmt: skip
     srv.start()
     gate = threading.Event()
-    real = srv.worker._run
+    decoder = srv.worker.decoder
+    real = decoder.step
+    steps = 0
 
-    def slow_run(job: Any) -> None:  # hold the generation until the shutdown has begun
-        job.events.put(("start", 1))
-        job.events.put(("delta", "hello "))
-        gate.wait(10)
-        job.cancel_reason = "the server is shutting down"
-        real(job)
+    def slow_step() -> Any:  # hold the generation (after its first tokens) until shutdown began
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            gate.wait(10)
+        return real()
 
-    srv.worker._run = slow_run  # type: ignore[method-assign]
+    decoder.step = slow_step  # type: ignore[method-assign]
     with open_stream(srv.url, 64) as resp:
         events = sse_events(resp)
         first = next(events)
         assert first["choices"][0]["delta"]["role"] == "assistant"
-        assert next(events)["choices"][0]["delta"]["content"] == "hello "
         closer = threading.Thread(target=srv.shutdown)
         closer.start()
         time.sleep(0.3)

@@ -311,3 +311,106 @@ def test_guards_need_a_gate_and_valid_settings(tiny_loaded: LoadedModel) -> None
                 PROMPTS[0], 4, strategy=gated, guard="abort", abort_threshold=float("nan")
             )
         )
+
+
+# --- stop strings, log-probabilities, callbacks, cancel -----------------------------------------
+
+
+def test_stop_string_ends_the_row_and_cuts_the_text(tiny_loaded: LoadedModel) -> None:
+    steered = steered_model(tiny_loaded)
+    tok = tiny_loaded.tokenizer
+    base = BatchDecoder(steered).run([DecodeRequest(PROMPTS[0], max_new_tokens=12)])[0]
+    # a stop string that the reply's text reaches at some token k < 12
+    k = next(
+        i for i in range(2, 12) if tok.decode(base.token_ids[:i]) != tok.decode(base.token_ids[:1])
+    )
+    text_k = tok.decode(base.token_ids[:k], skip_special_tokens=True)
+    previous = tok.decode(base.token_ids[: k - 1], skip_special_tokens=True)
+    stop = text_k[len(previous) - 1 :] if len(previous) else text_k
+    cut = text_k.find(stop)
+    assert cut >= 0
+    rows = BatchDecoder(steered).run(
+        [
+            DecodeRequest(PROMPTS[0], max_new_tokens=12, stop=("never-in-the-reply", stop)),
+            DecodeRequest(PROMPTS[0], max_new_tokens=12, stop=("never-in-the-reply",)),
+        ]
+    )
+    got = rows[0]
+    assert got.finish_reason == "stop"
+    assert len(got.token_ids) <= k and got.token_ids == base.token_ids[: len(got.token_ids)]
+    assert got.text == base.text[: base.text.find(stop)]
+    assert stop not in got.text
+    assert_same(rows[1], base)  # a stop string that never comes changes nothing
+    with pytest.raises(SteeringError, match="empty string"):
+        BatchDecoder(steered).submit(DecodeRequest(PROMPTS[0], stop=("",)))
+    with pytest.raises(SteeringError, match="list of strings"):
+        BatchDecoder(steered).submit(DecodeRequest(PROMPTS[0], stop=(3,)))  # type: ignore[arg-type]
+
+
+def test_logprobs_are_the_models_and_greedy_picks_the_top(tiny_loaded: LoadedModel) -> None:
+    import torch
+
+    steered = steered_model(tiny_loaded)
+    request = DecodeRequest(PROMPTS[2], max_new_tokens=6, logprobs=3)
+    got = BatchDecoder(steered).run([request, DecodeRequest(PROMPTS[0], max_new_tokens=4)])[0]
+    assert got.logprobs is not None and len(got.logprobs) == len(got.token_ids)
+    plain = BatchDecoder(steered).run([DecodeRequest(PROMPTS[2], max_new_tokens=6)])[0]
+    assert plain.logprobs is None and plain.token_ids == got.token_ids
+    for entry, token in zip(got.logprobs, got.token_ids, strict=True):
+        assert entry.token == token and entry.logprob <= 0
+        assert len(entry.top) == 3
+        assert entry.top[0][0] == token  # greedy: the chosen token is the likeliest
+        assert entry.top[0][1] == pytest.approx(entry.logprob)
+        assert [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+    # unsteered, the first token's log-probability is the model's own from one forward pass
+    bare = BatchDecoder(steered).run(
+        [DecodeRequest(PROMPTS[2], max_new_tokens=1, strategy=None, logprobs=2)]
+    )[0]
+    assert bare.logprobs is not None
+    encoded = steered.encode([PROMPTS[2]])[0]
+    with torch.no_grad():
+        logits = tiny_loaded.model(torch.tensor([encoded.input_ids])).logits
+    want = torch.log_softmax(logits[0, -1].float(), -1)
+    assert bare.logprobs[0].logprob == pytest.approx(float(want[bare.token_ids[0]]), abs=1e-4)
+    assert bare.logprobs[0].top[1][1] == pytest.approx(float(want.topk(2).values[1]), abs=1e-4)
+    zero = BatchDecoder(steered).run([DecodeRequest(PROMPTS[2], max_new_tokens=2, logprobs=0)])[0]
+    assert zero.logprobs is not None and all(e.top == () for e in zero.logprobs)
+    for bad in (-1, 21, True, 2.0):
+        with pytest.raises(SteeringError, match="logprobs"):
+            BatchDecoder(steered).submit(DecodeRequest(PROMPTS[0], logprobs=bad))  # type: ignore[arg-type]
+
+
+def test_on_token_sees_every_token_in_order(tiny_loaded: LoadedModel) -> None:
+    steered = steered_model(tiny_loaded)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    requests = [
+        DecodeRequest(
+            PROMPTS[i], max_new_tokens=n, logprobs=1 if i == 0 else None,
+            on_token=lambda t, lp, i=i: seen[i].append(t) if (lp is None) == (i == 1) else None,
+        )
+        for i, n in ((0, 7), (1, 5))
+    ]  # fmt: skip
+    rows = BatchDecoder(steered, max_batch=2).run(requests)
+    assert seen[0] == list(rows[0].token_ids) and seen[1] == list(rows[1].token_ids)
+    with pytest.raises(SteeringError, match="callable"):
+        BatchDecoder(steered).submit(DecodeRequest(PROMPTS[0], on_token=3))  # type: ignore[arg-type]
+
+
+def test_cancel_drops_waiting_and_running_rows(tiny_loaded: LoadedModel) -> None:
+    steered = steered_model(tiny_loaded)
+    decoder = BatchDecoder(steered, max_batch=2)
+    keep = DecodeRequest(PROMPTS[3], max_new_tokens=10)
+    tickets = [
+        decoder.submit(keep),
+        decoder.submit(DecodeRequest(PROMPTS[5], max_new_tokens=10)),
+        decoder.submit(DecodeRequest(PROMPTS[1], max_new_tokens=10)),  # waits
+    ]
+    results = dict(decoder.step())
+    assert decoder.running == 2 and decoder.waiting == 1
+    assert decoder.cancel(tickets[1]) and decoder.cancel(tickets[2])
+    assert not decoder.cancel(tickets[2]) and not decoder.cancel(999)
+    while decoder.running or decoder.waiting:
+        results.update(decoder.step())
+    assert set(results) == {tickets[0]}
+    assert_same(results[tickets[0]], solo(steered, keep))  # the survivor is unchanged
+    assert not decoder.cancel(tickets[0])  # finished

@@ -258,10 +258,19 @@ def test_prompt_token_limit(steered: SteeredModel) -> None:
         (chat_body(messages=[{"role": "robot", "content": "hi"}]), 400, "role 'robot'"),
         (chat_body(messages=[{"role": "user", "content": " "}]), 400, "empty or non-text"),
         (chat_body(messages=[{"role": "user"}]), 400, "non-text content"),
-        (chat_body(n=2), 400, "n=2 is not supported"),
+        (chat_body(n=5), 400, "n must be an integer from 1 to 4"),
+        (chat_body(n=0), 400, "n must be an integer from 1 to 4"),
+        (chat_body(n=True), 400, "n must be an integer from 1 to 4"),
         (chat_body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 are allowed"),
         (chat_body(stop=[1]), 400, "stop must be a string or a list of strings"),
-        (chat_body(logprobs=True), 400, "logprobs=True is not supported"),
+        (chat_body(logprobs="yes"), 400, "logprobs must be true or false"),
+        (chat_body(logprobs=True, top_logprobs=21), 400, "top_logprobs must be an integer"),
+        (chat_body(logprobs=True, top_logprobs=-1), 400, "top_logprobs must be an integer"),
+        (chat_body(top_logprobs=2), 400, "top_logprobs needs logprobs=true"),
+        (chat_body(steerlex={"guard": "block"}), 400, "steerlex.guard must be one of"),
+        (chat_body(steerlex={"guard": "refuse"}), 400, "has none; start steerlex serve"),
+        (chat_body(steerlex={"refusal": ""}), 400, "steerlex.refusal must be a non-empty"),
+        (chat_body(steerlex={"refusal": 3}), 400, "steerlex.refusal must be a non-empty"),
         (chat_body(max_tokens=0), 400, "max_tokens must be an integer >= 1"),
         (chat_body(temperature=-1), 400, "temperature must be in [0, 2]"),
         (chat_body(top_p=0), 400, "top_p must be in (0, 1]"),
@@ -431,3 +440,7 @@ def test_cli_serve(
     assert "$STEERLEX_SERVER_API_KEY" in out and "cli-key" not in out
     assert seen["status"] == 200, seen
     assert seen["body"]["steerlex"]["strategy"].startswith("amplify alpha=4")
+    assert "guard: steer (no gate (--harm)" in out and "up to 8 requests decoded together" in out
+    # a guard that needs a detector, without one: refused before the model is loaded
+    assert main([*argv, "--guard", "refuse"]) != 0
+    assert "--guard refuse acts on a harm detector; give --harm" in capsys.readouterr().err

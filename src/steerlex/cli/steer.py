@@ -166,6 +166,14 @@ def _banner(cfg: ServeConfig, server: Any, api_key: str | None) -> None:
     key = f"${API_KEY_ENV}" if from_env else "<your key>" if api_key else "none"
     print(f"steering {'on' if server.steered.enabled else 'off'}: {server.steered.describe()}")
     print(f"serving {model} at {url}/v1 (auth {'on' if api_key else 'off'}); Ctrl-C stops")
+    limits = server.limits
+    strategy = server.steered.strategy
+    guard = {"steer": "steer when the gate opens", "refuse": "refuse when the gate opens",
+             "abort": "abort when the detector fires on the reply"}[server.guard]  # fmt: skip
+    if strategy is None or strategy.gate is None:
+        guard = "no gate (--harm): every reply is steered"
+    print(f"guard: {server.guard} ({guard}); batch: up to {limits.max_batch} requests decoded "
+          f"together, {limits.max_queue} more may wait")  # fmt: skip
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: {cfg.host} is reachable from other machines and there is no API key; "

@@ -8,7 +8,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from steerlex.core.config import option
 from steerlex.core.errors import SteeringError
@@ -16,6 +16,7 @@ from steerlex.data.sources import load_texts
 from steerlex.jobs.context import RunContext
 from steerlex.models.chat import check_text
 from steerlex.models.loading import DTYPES, check_device
+from steerlex.steer.batching import DEFAULT_REFUSAL, GUARD_MODES, GuardMode
 from steerlex.steer.features import parse_feature_list
 from steerlex.steer.probe import is_probe_file, load_probe
 from steerlex.steer.runtime import SteeredModel, SteeredResponse
@@ -163,6 +164,17 @@ class ServeConfig(SteerConfig):
     max_strength: float = option(
         _LIMITS.max_strength, help="largest steerlex.strength a request may ask for"
     )
+    max_batch: int = option(
+        _LIMITS.max_batch, help="requests (choices) decoded together in one batch; more wait"
+    )
+    max_n: int = option(_LIMITS.max_n, help="most choices (n) one request may ask for")
+    guard: str = option(
+        "steer", choices=GUARD_MODES,
+        help="what the gate (--harm) does when it opens: steer (default), refuse (answer with "
+        "--refusal, nothing generated) or abort (stop once the detector fires on the reply's "
+        "own tokens); requests may choose their own with steerlex.guard",
+    )  # fmt: skip
+    refusal: str = option(DEFAULT_REFUSAL, help="the reply a refused request gets")
     shutdown_grace: float = option(
         10.0,
         help="on SIGTERM/SIGINT, seconds the running generation gets to finish before it is "
@@ -188,6 +200,14 @@ class ServeConfig(SteerConfig):
             or not (grace >= 0 and math.isfinite(grace))
         ):
             raise SteeringError(f"--shutdown-grace {grace!r} must be a number of seconds >= 0.")
+        if self.guard != "steer" and self.harm is None:
+            raise SteeringError(
+                f"--guard {self.guard} acts on a harm detector; give --harm (harm feature ids, a "
+                "selected_features.json or a gate_probe.safetensors from steerlex eval)."
+            )
+        if not self.refusal.strip():
+            raise SteeringError("--refusal is empty; give the text a refused request gets.")
+        check_text(self.refusal, "--refusal", SteeringError)
 
 
 def steered_model(cfg: SteerConfig, ctx: RunContext) -> tuple[SteeredModel, dict[int, str]]:
@@ -293,7 +313,7 @@ def serve_job(cfg: ServeConfig, ctx: RunContext) -> tuple[SteeringServer, str | 
         default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens_limit),
         max_prompt_tokens=cfg.max_prompt_tokens, max_queue=cfg.max_queue,
         read_timeout=cfg.read_timeout, max_connections=cfg.max_connections,
-        max_strength=cfg.max_strength,
+        max_strength=cfg.max_strength, max_batch=cfg.max_batch, max_n=cfg.max_n,
     )  # fmt: skip
     api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
     _try_bind(cfg.host, cfg.port)
@@ -302,6 +322,7 @@ def serve_job(cfg: ServeConfig, ctx: RunContext) -> tuple[SteeringServer, str | 
         server = make_server(
             steered, host=cfg.host, port=cfg.port, api_key=api_key, model_name=cfg.model_name,
             limits=limits, shutdown_grace=cfg.shutdown_grace,
+            guard=cast(GuardMode, cfg.guard), refusal=cfg.refusal,
         )  # fmt: skip
     except (OSError, OverflowError, UnicodeError) as exc:
         raise _listen_error(cfg.host, cfg.port, exc) from None

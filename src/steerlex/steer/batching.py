@@ -17,7 +17,16 @@
     as the detector fires on one of the reply's own tokens — its harm score at that position,
     before any edit, reaches ``abort_threshold`` (default: the gate's threshold); the reply
     keeps the tokens up to and including that one (``finish_reason`` ``"content_filter"``,
-    ``guard`` ``"aborted"``), like Goodfire's ``abort_when``.
+    ``guard`` ``"aborted"``), like Goodfire's ``abort_when``;
+- stop strings (``stop``): decoding ends once the reply's text holds one of them, and the text
+  is cut where it starts (``finish_reason`` ``"stop"``; ``token_ids`` keep every token decoded);
+- ``logprobs``: each generated token's log-probability and the ``logprobs`` most likely
+  alternatives (:class:`~steerlex.steer.runtime.TokenLogprob`);
+- ``on_token``: a callback given each token (and its log-probabilities) as it is decoded, on
+  the thread that calls :meth:`BatchDecoder.step` (for streaming); it must not raise.
+
+A request is dropped before it finishes with :meth:`BatchDecoder.cancel` (its row leaves the
+batch at the next step).
 
 Rows join at step boundaries (continuous batching): :meth:`BatchDecoder.step` first prefills
 the waiting requests that fit (up to ``max_batch`` rows running) in one forward pass of their
@@ -40,11 +49,12 @@ per row. Only transformers' ``DynamicCache`` with full-attention layers is suppo
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,18 +72,28 @@ from steerlex.steer.runtime import (
     GuardAction,
     SteeredModel,
     SteeredResponse,
+    TokenLogprob,
     _make_response,
     _SteeringCall,
 )
 from steerlex.steer.strategies import SteeringStrategy
 
-__all__ = ["DEFAULT_REFUSAL", "GUARD_MODES", "BatchDecoder", "DecodeRequest", "GuardMode"]
+__all__ = [
+    "DEFAULT_REFUSAL",
+    "GUARD_MODES",
+    "MAX_LOGPROBS",
+    "BatchDecoder",
+    "DecodeRequest",
+    "GuardMode",
+]
 
 ModelDefault = Literal["model"]
 GuardMode = Literal["steer", "refuse", "abort"]
 GUARD_MODES: tuple[GuardMode, ...] = ("steer", "refuse", "abort")
 #: The reply a ``"refuse"`` guard gives when the gate opens.
 DEFAULT_REFUSAL = "I can't help with that request."
+#: Most alternatives a request may ask for with ``logprobs`` (as OpenAI's ``top_logprobs``).
+MAX_LOGPROBS = 20
 
 
 def _forward_kwargs(model: Any) -> dict[str, Any]:
@@ -99,7 +119,10 @@ class DecodeRequest:
     strategy, or ``None`` (no edit). ``enabled``: ``None`` for the SteeredModel's switch.
     ``eos_token_ids``: ``None`` for the model's; ``()`` never stops before ``max_new_tokens``.
     ``guard``, ``refusal``, ``abort_threshold``: what the request's gate does (module docs); a
-    guard other than ``"steer"`` needs a strategy with a gate.
+    guard other than ``"steer"`` needs a strategy with a gate. ``stop``: stop strings.
+    ``logprobs``: ``None`` for none, else how many alternatives (0 to :data:`MAX_LOGPROBS`) to
+    give beside each token's own log-probability. ``on_token(token, logprob)``: called with each
+    decoded token (``logprob`` ``None`` unless asked for).
     """
 
     prompt: str | Sequence[int] | EncodedPrompt
@@ -116,6 +139,9 @@ class DecodeRequest:
     guard: GuardMode = "steer"
     refusal: str = DEFAULT_REFUSAL
     abort_threshold: float | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None
 
 
 @dataclass
@@ -134,8 +160,13 @@ class _Row:
     guard: GuardMode = "steer"
     refusal: str = DEFAULT_REFUSAL
     abort_threshold: float = 0.0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
     stopped: GuardAction | None = None
+    stop_at: int | None = None  # where a stop string starts in the reply's text
 
     @property
     def key(self) -> tuple[int, bool]:
@@ -146,6 +177,7 @@ class _Row:
     def done(self) -> bool:
         return (
             self.stopped is not None
+            or self.stop_at is not None
             or len(self.tokens) >= self.max_new_tokens
             or (bool(self.tokens) and self.tokens[-1] in self.eos)
         )
@@ -178,6 +210,8 @@ class BatchDecoder:
         self._attn: Tensor | None = None  # [B, cache length] of the running rows
         self._tickets = 0
         self._kwargs = _forward_kwargs(steered.loaded.model)
+        self._live: set[int] = set()  # tickets submitted and not yet given back or dropped
+        self._cancelled: set[int] = set()
         self._queue_lock = threading.Lock()
         self._step_lock = threading.Lock()
 
@@ -207,7 +241,19 @@ class BatchDecoder:
             row.ticket = self._tickets
             self._tickets += 1
             self._waiting.append(row)
+            self._live.add(row.ticket)
         return row.ticket
+
+    def cancel(self, ticket: int) -> bool:
+        """Drop the request ``ticket`` (waiting or decoding; from any thread): its row leaves the
+        batch at the next step and it never comes back from :meth:`step`. False when it is not
+        live (unknown, finished or already cancelled)."""
+        with self._queue_lock:
+            if ticket not in self._live:
+                return False
+            self._live.discard(ticket)
+            self._cancelled.add(ticket)
+            return True
 
     def run(self, requests: Sequence[DecodeRequest]) -> list[SteeredResponse]:
         """Decode ``requests`` (all checked before any runs); responses in their order.
@@ -227,6 +273,7 @@ class BatchDecoder:
                 self._tickets += 1
                 tickets.append(row.ticket)
                 self._waiting.append(row)
+                self._live.add(row.ticket)
         wanted = set(tickets)
         done: dict[int, SteeredResponse] = {}
         while wanted - done.keys():
@@ -244,6 +291,8 @@ class BatchDecoder:
         with self._step_lock, self.steered._lock:
             finished: list[tuple[int, SteeredResponse]] = []
             with self._queue_lock:
+                if self._cancelled:
+                    self._drop_cancelled()
                 free = self.max_batch - len(self._rows)
                 joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             try:
@@ -253,9 +302,22 @@ class BatchDecoder:
                     finished += self._decode()
             except BaseException:
                 # the batch's cache may be half-updated: drop the running rows, keep the queue
+                with self._queue_lock:
+                    self._live -= {r.ticket for r in [*self._rows, *joining]}
                 self._rows, self._cache, self._attn = [], None, None
                 raise
+            with self._queue_lock:
+                self._live -= {ticket for ticket, _ in finished}
             return finished
+
+    def _drop_cancelled(self) -> None:
+        """Remove cancelled requests from the queue and their rows from the batch."""
+        gone = self._cancelled
+        self._cancelled = set()
+        self._waiting = deque(r for r in self._waiting if r.ticket not in gone)
+        keep = [i for i, r in enumerate(self._rows) if r.ticket not in gone]
+        if len(keep) < len(self._rows):
+            self._keep_rows(keep)
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -278,6 +340,15 @@ class BatchDecoder:
             else steered._checked(request.strategy)
         )
         enabled = steered.enabled if request.enabled is None else bool(request.enabled)
+        stop = _checked_stop(request.stop)
+        k = request.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                              or not 0 <= k <= MAX_LOGPROBS):  # fmt: skip
+            raise SteeringError(
+                f"logprobs must be None or an int from 0 to {MAX_LOGPROBS}, got {k!r}."
+            )
+        if request.on_token is not None and not callable(request.on_token):
+            raise SteeringError(f"on_token must be callable, got {request.on_token!r}.")
         prompts: Any = [request.prompt]
         (encoded,) = steered.encode(prompts, system_prompt=request.system_prompt, chat=request.chat)
         steered.check_fits(encoded, n)
@@ -315,6 +386,7 @@ class BatchDecoder:
             -1, encoded, strategy, enabled, n, eos, processors, generator, call,
             guard=request.guard, refusal=request.refusal,
             abort_threshold=self._abort_threshold(request, strategy),
+            stop=stop, logprobs=k, on_token=request.on_token,
         )  # fmt: skip
 
     def _abort_threshold(self, request: DecodeRequest, strategy: SteeringStrategy | None) -> float:
@@ -440,6 +512,16 @@ class BatchDecoder:
             else:
                 token = int(torch.argmax(scores, dim=-1).item())
             row.tokens.append(token)
+            logprob = None if row.logprobs is None else _logprob(logits[i], token, row.logprobs)
+            if logprob is not None:
+                row.token_logprobs.append(logprob)
+            if row.stop and token not in row.eos:
+                row.stop_at = _find_stop(
+                    self.steered.loaded.tokenizer.decode(row.tokens, skip_special_tokens=True),
+                    row.stop,
+                )
+            if row.on_token is not None:
+                row.on_token(token, logprob)
             if row.done:
                 finished.append((row.ticket, self._response(row)))
         return finished
@@ -459,6 +541,17 @@ class BatchDecoder:
                 report=report,
                 guard="refused",
             )
+        logprobs = tuple(row.token_logprobs) if row.logprobs is not None else None
+        if row.stop_at is not None and row.stopped is None:
+            text = tok.decode(row.tokens, skip_special_tokens=True)[: row.stop_at]
+            return SteeredResponse(
+                text=text,
+                token_ids=tuple(row.tokens),
+                prompt_ids=tuple(row.encoded.input_ids),
+                finish_reason="stop",
+                report=report,
+                logprobs=logprobs,
+            )
         reason: FinishReason = (
             "content_filter"
             if row.stopped == "aborted"
@@ -466,7 +559,8 @@ class BatchDecoder:
             if row.tokens[-1] in row.eos
             else "length"
         )
-        return _make_response(tok, row.encoded, row.tokens, reason, report, row.stopped)
+        response = _make_response(tok, row.encoded, row.tokens, reason, report, row.stopped)
+        return response if logprobs is None else dataclasses.replace(response, logprobs=logprobs)
 
     def _prefill(self, rows: list[_Row]) -> list[tuple[int, SteeredResponse]]:
         steered = self.steered
@@ -506,16 +600,21 @@ class BatchDecoder:
         finished = self._sample(rows, logits)
         keep = [i for i, r in enumerate(rows) if not r.done]
         if len(keep) < len(rows):
-            self._rows = [rows[i] for i in keep]
-            if not keep:
-                self._cache = self._attn = None
-            else:
-                index = torch.tensor(keep, device=device)
-                for layer in self._layers(self._cache):
-                    layer.batch_select_indices(index)
-                self._attn = self._attn.index_select(0, index)
-                self._trim()
+            self._keep_rows(keep)
         return finished
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only the running rows at indices ``keep`` (and their cache rows)."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._attn = None
+            return
+        assert self._attn is not None
+        index = torch.tensor(keep, device=self._attn.device)
+        for layer in self._layers(self._cache):
+            layer.batch_select_indices(index)
+        self._attn = self._attn.index_select(0, index)
+        self._trim()
 
     # --- the KV cache -------------------------------------------------------------------------
 
@@ -565,3 +664,33 @@ class BatchDecoder:
             layer.keys = layer.keys[:, :, start:]
             layer.values = layer.values[:, :, start:]
         self._attn = self._attn[:, start:]
+
+
+# --- stop strings and log-probabilities ---------------------------------------------------------
+
+
+def _checked_stop(stop: object) -> tuple[str, ...]:
+    """``stop`` as a tuple of distinct non-empty strings, or a SteeringError."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) for s in stop):
+        raise SteeringError(f"stop must be a list of strings, got {stop!r}.")
+    if any(not s for s in stop):
+        raise SteeringError("stop has an empty string; every stop string needs a character.")
+    return tuple(dict.fromkeys(stop))
+
+
+def _find_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first of the ``stop`` strings starts in ``text`` (None: none does)."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits`` (one row) and the ``top`` likeliest."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = torch.topk(logp, top)
+        best = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logp[token]), best)

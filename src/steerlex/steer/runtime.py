@@ -52,6 +52,7 @@ __all__ = [
     "SteeredModel",
     "SteeredResponse",
     "SteeringReport",
+    "TokenLogprob",
     "encode_chat",
 ]
 
@@ -168,11 +169,24 @@ GuardAction = Literal["refused", "aborted"]
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the (steered) model's next-token distribution,
+    and the ``top`` most likely tokens there as ``(token id, log-probability)``, most likely
+    first. Computed from the model's logits before any sampling processor (temperature, top-p),
+    so they do not depend on how the token was picked."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class SteeredResponse:
     """One reply: its text, the generated token ids (EOS included when reached), the report.
 
     ``finish_reason`` is ``"content_filter"`` when a guard refused or aborted the reply, and
-    ``guard`` then says which."""
+    ``guard`` then says which. ``logprobs`` (one per generated token) when they were asked for
+    (:class:`~steerlex.steer.batching.DecodeRequest` ``logprobs``)."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -180,6 +194,7 @@ class SteeredResponse:
     finish_reason: FinishReason
     report: SteeringReport
     guard: GuardAction | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 # --- chat encoding ----------------------------------------------------------------------------

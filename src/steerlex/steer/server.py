@@ -3,25 +3,32 @@
 :func:`make_server` returns a :class:`SteeringServer`: a Starlette app served by uvicorn (in a
 thread of its own) with these endpoints:
 
-- ``POST /v1/chat/completions``: a chat reply, whole or streamed as server-sent events in
-  OpenAI's ``chat.completion.chunk`` format (ending with ``data: [DONE]``). The reply carries a
-  ``steerlex`` field: the steering report (features that fired, gate decision). ``stop`` (a
-  string or up to 4) cuts the reply before the first one and ends generation there.
+- ``POST /v1/chat/completions``: chat replies (``n`` choices), whole or streamed as server-sent
+  events in OpenAI's ``chat.completion.chunk`` format (ending with ``data: [DONE]``). Each
+  choice carries a ``steerlex`` field: whether the gate opened, the features that fired, what
+  was done (``action``: steered, none, refused, aborted) and the full steering report. ``stop``
+  (a string or up to 4) cuts the reply before the first one and ends generation there;
+  ``logprobs``/``top_logprobs`` give each token's log-probability under the steered model.
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
 - ``GET /health``: whether the model worker is up, queue depth (no authentication).
 - ``GET /metrics``: counters in Prometheus text format (no authentication).
 
 Steering is on by default. A request may override it for itself only, with the extra body field
-``"steerlex": {"steer": false}`` or ``{"strength": 1.5}`` (the openai client: ``extra_body``).
+``"steerlex": {"steer": false}``, ``{"strength": 1.5}``, ``{"guard": "refuse"}`` or
+``{"refusal": "..."}`` (the openai client: ``extra_body``). The guard (server default
+``guard``) says what the strategy's gate does when it opens: steer (``"steer"``), answer with
+the fixed refusal (``"refuse"``), or stop when the detector fires on the reply's own tokens
+(``"abort"``); see :mod:`steerlex.steer.batching`.
 
-Concurrency: one worker thread (:class:`ModelWorker`) owns the model and runs one generation at
-a time, in arrival order; the event loop only parses, validates and waits. Requests are not
-batched, so every reply is exactly what ``SteeredModel.chat`` gives for the same settings.
-Waiting requests sit in a bounded queue; when it is full a request gets 429 with
-``Retry-After``. All tokenizer work runs on the worker too (a fast tokenizer is not safe to
-share between threads); before queueing, the chat template is rendered (pure Python) off the
-event loop to refuse, from a cheap lower bound on its token count, a prompt that cannot fit
-(:class:`_PromptBound`).
+Concurrency: one worker thread (:class:`ModelWorker`) owns the model and decodes the running
+requests together, one batched forward pass per token, each row with its own steering, guard
+and sampling (continuous batching: a request joins at the next step once a row is free, of
+``max_batch``); the event loop only parses, validates and waits. A greedy reply is the same
+tokens ``SteeredModel.chat`` gives alone for the same settings. Waiting requests sit in a
+bounded queue; when it is full a request gets 429 with ``Retry-After``. All tokenizer work runs
+on the worker too (a fast tokenizer is not safe to share between threads); before queueing, the
+chat template is rendered (pure Python) off the event loop to refuse, from a cheap lower bound
+on its token count, a prompt that cannot fit (:class:`_PromptBound`).
 
 Hostile input: every request has ``read_timeout`` seconds in all to send its request line,
 headers and body (then 408); at most ``max_connections`` connections are served at once (more
@@ -33,8 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -63,10 +69,26 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from steerlex.core.errors import SteeringError, SteerlexError
-from steerlex.steer.runtime import SteeredModel, SteeredResponse, encode_chat
+from steerlex.models.chat import check_text
+from steerlex.steer.batching import (
+    DEFAULT_REFUSAL,
+    GUARD_MODES,
+    MAX_LOGPROBS,
+    BatchDecoder,
+    DecodeRequest,
+    GuardMode,
+)
+from steerlex.steer.runtime import SteeredModel, SteeredResponse, TokenLogprob, encode_chat
 from steerlex.steer.strategies import SteeringStrategy
 
-__all__ = ["API_KEY_ENV", "ModelWorker", "ServerLimits", "SteeringServer", "make_server"]
+__all__ = [
+    "API_KEY_ENV",
+    "ModelWorker",
+    "ServerLimits",
+    "SteeringServer",
+    "check_guard",
+    "make_server",
+]
 
 API_KEY_ENV = "STEERLEX_SERVER_API_KEY"
 """Environment variable the CLI reads the API key from when ``--api-key`` is not given."""
@@ -76,8 +98,6 @@ log = logging.getLogger(__name__)
 # Fields OpenAI defines that would change the reply and that steerlex cannot honour: a request
 # that sets them to anything but their neutral value gets 400 rather than a silently wrong reply.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -86,7 +106,9 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
 }
-_OVERRIDE_KEYS = ("steer", "strength")
+_OVERRIDE_KEYS = ("steer", "strength", "guard", "refusal")
+MAX_REFUSAL_CHARS = 2000
+"""Longest refusal text a request may set (``steerlex.refusal``)."""
 MAX_JSON_DEPTH = 64
 """Deepest nesting of JSON arrays/objects a request body may have (a chat request needs 5)."""
 MAX_SEED = 2**63 - 1
@@ -104,10 +126,13 @@ class ServerLimits:
     ``max_tokens`` caps ``max_tokens``/``max_completion_tokens``; a request without one gets
     ``default_max_tokens`` (at most ``max_tokens``). ``max_prompt_tokens`` caps the chat-formatted
     prompt; prompt plus reply must also fit the model's context (``max_position_embeddings``).
-    ``max_queue`` is how many requests may wait while one runs. ``read_timeout`` (seconds) is
+    ``max_queue`` is how many requests may wait while the batch is full (``max_batch`` rows
+    run at once). ``read_timeout`` (seconds) is
     the total time a client has to send its request line, headers and body (then 408).
     ``max_connections`` caps the connections served at once (more get 503 at once; keep it above
-    ``max_queue`` + 1 or the queue never fills). ``max_strength`` bounds a request's ``steerlex.strength``.
+    ``max_queue`` + ``max_batch`` or the queue never fills). ``max_strength`` bounds a request's
+    ``steerlex.strength``. ``max_batch`` is how many rows (choices) are decoded together;
+    ``max_n`` the most choices (``n``) one request may ask for.
     """
 
     max_body_bytes: int = 1 << 20
@@ -119,11 +144,13 @@ class ServerLimits:
     read_timeout: float = 30.0
     max_connections: int = 64
     max_strength: float = 1000.0
+    max_batch: int = 8
+    max_n: int = 4
 
     def __post_init__(self) -> None:
         for name in (
             "max_body_bytes", "max_messages", "max_tokens", "default_max_tokens",
-            "max_prompt_tokens", "max_queue", "max_connections",
+            "max_prompt_tokens", "max_queue", "max_connections", "max_batch", "max_n",
         ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -207,9 +234,13 @@ class _Job:
     """A queued request; the worker reports on ``events``.
 
     Events, in order: ``("start", prompt_tokens)``, then with ``stream`` any number of
-    ``("delta", text)``, then ``("done", SteeredResponse)``; or ``("error", ApiError)`` at any
-    point instead. ``stop`` are the request's stop strings; ``cancel_reason`` says why
-    ``cancelled`` was set by the server (None: the client left).
+    ``("delta", (index, text, logprobs))``, then one ``("done", (index, SteeredResponse,
+    logprobs))`` per choice (``n`` of them, in any order); or ``("error", ApiError)`` at any
+    point instead. ``logprobs`` are OpenAI's ``logprobs.content`` entries of the tokens the
+    event adds (empty unless asked for).
+    ``stop`` are the request's stop strings; ``logprobs`` how many alternatives per token to
+    report (None: no log-probabilities); ``cancel_reason`` says why ``cancelled`` was set by the
+    server (None: the client left).
     """
 
     messages: list[dict[str, Any]]
@@ -219,8 +250,17 @@ class _Job:
     stream: bool
     events: _Events
     stop: tuple[str, ...] = ()
+    n: int = 1
+    guard: GuardMode = "steer"
+    refusal: str = DEFAULT_REFUSAL
+    logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str | None = None
+    # the worker's bookkeeping
+    tickets: list[int] = field(default_factory=list)
+    left: int = 0
+    generated: int = 0
+    began: float = 0.0
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> int | None:
@@ -238,54 +278,97 @@ def _held_back(text: str, stop: tuple[str, ...]) -> int:
     return len(text)
 
 
+class _Pieces:
+    """OpenAI's log-probability entries for tokens: each token's text and bytes (cached).
+
+    A byte-level BPE token's bytes are read from its vocabulary string (GPT-2's byte-to-
+    character map), so a token that holds part of a UTF-8 character gets its true bytes and the
+    text ``"bytes:\\xe2\\x80"`` (OpenAI's convention); for other tokenizers the bytes are the
+    UTF-8 of the token's decoded text. Used on the worker thread only (it calls the tokenizer).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def piece(self, token: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token)
+        if hit is not None:
+            return hit
+        raw: bytes | None = None
+        vocab = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(vocab, str) and vocab and all(c in _BYTE_CHARS for c in vocab):
+            raw = bytes(_BYTE_CHARS[c] for c in vocab)
+        if raw is None:
+            raw = self.tokenizer.decode([token]).encode("utf-8")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        out = (text, list(raw))
+        if len(self._cache) < 200_000:
+            self._cache[token] = out
+        return out
+
+    def entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        """One ``logprobs.content`` entry: the token, its log-probability, the alternatives."""
+        text, raw = self.piece(lp.token)
+        top = []
+        for token, value in lp.top:
+            t, b = self.piece(token)
+            top.append({"token": t, "logprob": value, "bytes": b})
+        return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
+
+
 class _Streamer:
-    """Turns generated token ids into text deltas whose concatenation is the final text, and
-    watches for the request's stop strings.
+    """Turns one choice's generated token ids into text deltas whose concatenation is the final
+    text, each with the log-probabilities of the tokens it adds (when asked for).
 
     Text is released up to the last whitespace (like transformers' ``TextStreamer``), so a
     detokenizer that merges or cleans across token boundaries cannot change what was already
     sent; the rest comes with the final text. Text that could be the start of a stop string is
-    held back, and nothing at or after a stop string is ever sent. ``stopped`` turns true once the
-    decoded reply holds a stop string (generation then ends at the next token).
+    held back, and nothing at or after a stop string is ever sent (the decoder ends the reply
+    there).
     """
 
-    def __init__(self, tokenizer: Any, job: _Job) -> None:
+    def __init__(self, tokenizer: Any, job: _Job, index: int, pieces: _Pieces) -> None:
         self.tokenizer = tokenizer
         self.job = job
+        self.index = index
+        self.pieces = pieces
         self.ids: list[int] = []
         self.sent = ""
-        self.stopped = False
+        self.pending: list[TokenLogprob] = []
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprob: TokenLogprob | None) -> None:
         self.ids.append(token)
+        if logprob is not None:
+            self.pending.append(logprob)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         stop = self.job.stop
         if stop:
             cut = _cut_at_stop(text, stop)
-            if cut is not None:
-                self.stopped = True
-                text = text[:cut]
-            else:
-                text = text[: _held_back(text, stop)]
-        if not self.job.stream:
-            return
+            text = text[:cut] if cut is not None else text[: _held_back(text, stop)]
         if text.endswith("\ufffd"):  # an unfinished multi-byte character
             return
         cut = max(text.rfind(" "), text.rfind("\n")) + 1
         self._emit(text[:cut])
 
     def finish(self, final: str) -> None:
-        if not self.job.stream:
-            return
         if not final.startswith(self.sent):  # should not happen; never resend text
             log.warning("streamed text %r is not a prefix of the reply %r", self.sent, final)
             return
-        self._emit(final)
+        self._emit(final, last=True)
 
-    def _emit(self, upto: str) -> None:
-        if len(upto) > len(self.sent) and upto.startswith(self.sent):
-            self.job.events.put(("delta", upto[len(self.sent) :]))
-            self.sent = upto
+    def _emit(self, upto: str, last: bool = False) -> None:
+        grows = len(upto) > len(self.sent) and upto.startswith(self.sent)
+        if grows or (last and self.pending):
+            delta = upto[len(self.sent) :] if grows else ""
+            entries = [self.pieces.entry(lp) for lp in self.pending]
+            self.job.events.put(("delta", (self.index, delta, entries)))
+            self.pending = []
+            if grows:
+                self.sent = upto
 
 
 # --- a cheap lower bound on a prompt's token count -----------------------------------------------
@@ -506,32 +589,48 @@ class _Metrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
         self.tokens = 0
-        self.generation_seconds = 0.0
+        self.busy_seconds = 0.0
+        self.steps = 0
+        self.step_rows = 0
         self.replies = 0
         self.gate_opens = 0
         self.gate_checks = 0
         self.stopped_by_string = 0
         self.aborted = 0
+        self.refused = 0
+        self.guard_aborted = 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
             key = (endpoint, status)
             self.requests[key] = self.requests.get(key, 0) + 1
 
-    def reply(self, r: SteeredResponse, seconds: float) -> None:
+    def step(self, rows: int, seconds: float) -> None:
+        """One decoder step over ``rows`` rows that took ``seconds``."""
+        with self._lock:
+            self.steps += 1
+            self.step_rows += rows
+            self.busy_seconds += seconds
+
+    def reply(self, r: SteeredResponse, stop: tuple[str, ...], eos: frozenset[int]) -> None:
+        """A finished reply (``stop``: its request's stop strings; ``eos``: the EOS ids)."""
         with self._lock:
             self.replies += 1
-            self.tokens += len(r.token_ids)
-            self.generation_seconds += seconds
+            self.tokens += len(r.token_ids) if r.guard != "refused" else 0
             if r.report.gate_open is not None:
                 self.gate_checks += 1
                 self.gate_opens += bool(r.report.gate_open)
+            self.refused += r.guard == "refused"
+            self.guard_aborted += r.guard == "aborted"
+            self.stopped_by_string += bool(
+                stop and r.finish_reason == "stop" and r.token_ids and r.token_ids[-1] not in eos
+            )
 
     def count(self, name: str) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def render(self, queued: int, running: int, connections: int) -> str:
+    def render(self, queued: int, running: int, batch_rows: int, connections: int) -> str:
         with self._lock:
             rows: list[tuple[str, str, str, list[tuple[str, float]]]] = [
                 ("steerlex_requests_total", "counter", "HTTP requests answered, by endpoint "
@@ -540,25 +639,37 @@ class _Metrics:
                   for (e, s), n in sorted(self.requests.items())]),
                 ("steerlex_queue_depth", "gauge", "Requests waiting for the model.",
                  [("", queued)]),
-                ("steerlex_running", "gauge", "Generations running now (0 or 1).",
+                ("steerlex_running", "gauge", "Requests being decoded now.",
                  [("", running)]),
+                ("steerlex_batch_rows", "gauge", "Rows (choices) in the running batch now.",
+                 [("", batch_rows)]),
+                ("steerlex_decode_steps_total", "counter", "Batched decoder steps (one forward "
+                 "pass each, plus a prefill when requests join).", [("", self.steps)]),
+                ("steerlex_decode_rows_total", "counter", "Rows decoded, summed over steps "
+                 "(divided by the steps: the mean batch size).", [("", self.step_rows)]),
+                ("steerlex_mean_batch_size", "gauge", "Mean rows per decoder step, over the "
+                 "server's life.", [("", self.step_rows / self.steps if self.steps else 0)]),
                 ("steerlex_connections", "gauge", "Open client connections.",
                  [("", connections)]),
                 ("steerlex_replies_total", "counter", "Replies generated to the end.",
                  [("", self.replies)]),
                 ("steerlex_generated_tokens_total", "counter", "Tokens generated in those "
                  "replies.", [("", self.tokens)]),
-                ("steerlex_generation_seconds_total", "counter", "Seconds the model spent "
-                 "generating them.", [("", self.generation_seconds)]),
-                ("steerlex_tokens_per_second", "gauge", "Generated tokens per second of "
-                 "generation, over the server's life.",
-                 [("", self.tokens / self.generation_seconds if self.generation_seconds else 0)]),
+                ("steerlex_busy_seconds_total", "counter", "Seconds the model spent in decoder "
+                 "steps.", [("", self.busy_seconds)]),
+                ("steerlex_tokens_per_second", "gauge", "Generated tokens per busy second, "
+                 "over the server's life (all rows together).",
+                 [("", self.tokens / self.busy_seconds if self.busy_seconds else 0)]),
                 ("steerlex_gate_checks_total", "counter", "Replies whose strategy has a "
                  "condition (gate).", [("", self.gate_checks)]),
                 ("steerlex_gate_opens_total", "counter", "Replies whose gate opened (steering "
                  "applied).", [("", self.gate_opens)]),
                 ("steerlex_stop_string_total", "counter", "Replies cut at a stop string.",
                  [("", self.stopped_by_string)]),
+                ("steerlex_refused_total", "counter", "Replies a refuse guard answered with "
+                 "its refusal.", [("", self.refused)]),
+                ("steerlex_guard_aborted_total", "counter", "Replies an abort guard stopped "
+                 "when the detector fired on the reply.", [("", self.guard_aborted)]),
                 ("steerlex_aborted_total", "counter", "Generations stopped by a shutdown.",
                  [("", self.aborted)]),
             ]  # fmt: skip
@@ -577,38 +688,56 @@ def _prom_number(value: float) -> str:
 
 
 class ModelWorker:
-    """The one thread that owns the model: it runs queued jobs one at a time, in arrival order.
+    """The one thread that owns the model: it decodes the running requests together, in one
+    batched forward pass per token (:class:`~steerlex.steer.batching.BatchDecoder`), each with
+    its own steering, guard and sampling settings.
 
-    The HTTP layer only calls :meth:`submit` (and reads :meth:`queued`), so an engine that
-    batches can take its place. The model is not thread-safe; nothing else may generate with it
-    while the worker runs. :meth:`close` refuses new jobs and answers the waiting ones with 503;
-    :meth:`abort` stops the running one at its next token; :meth:`join` waits for the thread.
+    A queued job joins the running batch at the next step once a row is free (``max_batch``
+    rows; a job with ``n`` choices takes ``n``), in arrival order, and leaves it when its last
+    choice is done. The HTTP layer only calls :meth:`submit` (and reads :meth:`queued`). The
+    model is not thread-safe; nothing else may generate with it while the worker runs.
+    :meth:`close` refuses new jobs and answers the waiting ones with 503; :meth:`abort` stops
+    the running ones at their next token; :meth:`join` waits for the thread.
     """
 
     def __init__(self, steered: SteeredModel, limits: ServerLimits, metrics: _Metrics) -> None:
         self.steered = steered
         self.limits = limits
         self.metrics = metrics
-        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=limits.max_queue)
+        self.decoder = BatchDecoder(steered, max_batch=limits.max_batch)
+        # the queue holds the waiting jobs and those about to take a free row: a burst that
+        # arrives while a step runs may fill the free rows as well as max_queue (see submit)
+        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=limits.max_queue + limits.max_batch)
+        self._active: dict[int, tuple[_Job, int, _Streamer | None]] = {}  # ticket ->
+        self._running: list[_Job] = []
         self._lock = threading.Lock()
         self._closing = False
-        self._running: _Job | None = None
         self._idle = threading.Event()
         self._idle.set()
         self._job_seconds = 1.0  # moving average, for Retry-After
+        config = steered._generation_config(1, False, 1.0, 1.0)
+        self._eos = frozenset(steered._eos_ids(config))
+        self._pieces = _Pieces(steered.loaded.tokenizer)
         self._thread = threading.Thread(target=self._work, name="steerlex-serve-worker",
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
-        """Queue ``job``, or raise 429 (queue full) / 503 (shutting down)."""
+        """Queue ``job``, or raise 429 (queue full) / 503 (shutting down).
+
+        ``job`` is taken while the running jobs and the queued ones number fewer than
+        ``max_batch + max_queue``: those that will find a free row at the next step plus
+        ``max_queue`` that wait for one (a job with ``n`` choices counts once here)."""
         with self._lock:
             if self._closing:
                 raise _shutting_down()
             try:
+                if self.jobs.qsize() + len(self._running) >= self.jobs.maxsize:
+                    raise queue.Full
                 self.jobs.put_nowait(job)
             except queue.Full:
-                wait = max(1, min(60, math.ceil(self._job_seconds * (self.jobs.qsize() + 1))))
+                waves = (self.jobs.qsize() + 1) / self.limits.max_batch
+                wait = max(1, min(60, math.ceil(self._job_seconds * waves)))
                 raise ApiError(
                     429,
                     f"the server is busy: {self.limits.max_queue} requests are already waiting "
@@ -623,7 +752,12 @@ class ModelWorker:
         return self.jobs.qsize()
 
     def running(self) -> int:
-        return int(self._running is not None)
+        """Requests being decoded now."""
+        return len(self._running)
+
+    def rows(self) -> int:
+        """Rows (choices) in the running batch."""
+        return self.decoder.running
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -639,7 +773,7 @@ class ModelWorker:
                 break
 
     def wait_idle(self, seconds: float, hurry: threading.Event | None = None) -> bool:
-        """Wait up to ``seconds`` for the running job to end (sooner once ``hurry`` is set)."""
+        """Wait up to ``seconds`` for the running jobs to end (sooner once ``hurry`` is set)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self._idle.wait(min(left, 0.1)):
@@ -649,158 +783,161 @@ class ModelWorker:
         return self._idle.is_set()
 
     def abort(self, reason: str) -> None:
-        """Stop the running job at its next token; it ends with an error saying ``reason``."""
-        running = self._running
-        if running is not None:
-            running.cancel_reason = reason
-            running.cancelled.set()
+        """Stop the running jobs at their next token; they end with an error saying ``reason``."""
+        for job in list(self._running):
+            job.cancel_reason = reason
+            job.cancelled.set()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
+    # --- the loop -----------------------------------------------------------------------------
+
     def _work(self) -> None:
         while True:
-            try:
-                job = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                with self._lock:
-                    if self.jobs.empty():
-                        self._idle.set()
+            self._admit(block=not self._running)
+            self._reap()
+            if self._running:
+                self._step()
+                continue
+            with self._lock:
+                if self.jobs.empty():
+                    self._idle.set()
                     if self._closing:
                         return
-                continue
+
+    def _admit(self, block: bool) -> None:
+        """Start queued jobs while the batch has free rows (waiting up to 0.1 s for one when
+        ``block``)."""
+        while self.decoder.running + self.decoder.waiting < self.limits.max_batch:
+            try:
+                job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            block = False
             if self._closing:
                 job.events.put(("error", _shutting_down()))
-                continue
-            if job.cancelled.is_set():
-                continue
-            self._running = job
-            t0 = time.perf_counter()
-            try:
-                self._run(job)
-            finally:
-                self._running = None
-                self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - t0)
+            elif not job.cancelled.is_set():
+                self._start(job)
 
-    def _run(self, job: _Job) -> None:
+    def _start(self, job: _Job) -> None:
+        """Encode ``job`` and hand its ``n`` choices to the decoder (or report why not)."""
         steered = self.steered
         tok = steered.loaded.tokenizer
-        streamer: _Streamer | None = None
         try:
             encoded = encode_chat(tok, job.messages)
             n_prompt = len(encoded.input_ids)
             _check_prompt_fits(n_prompt, "", job, self.limits, steered)
-            job.events.put(("start", n_prompt))
-            # A shallow copy shares the model, SAE and call lock but holds this request's own
-            # strategy and on/off state, so no request changes what another one sees.
-            view = copy.copy(steered)
-            view.strategy = job.strategy
-            view.enabled = job.enabled
-            streamer = _Streamer(tok, job) if job.stream or job.stop else None
-            t0 = time.perf_counter()
-            with _watch_tokens(steered, job, streamer):
-                s = job.sampling
-                response = view.generate(
-                    [encoded],
+            s = job.sampling
+            streamers = [
+                _Streamer(tok, job, i, self._pieces) if job.stream else None for i in range(job.n)
+            ]
+            requests = [
+                DecodeRequest(
+                    encoded,
                     max_new_tokens=s.max_tokens,
+                    strategy=job.strategy,
+                    enabled=job.enabled,
                     do_sample=s.temperature > 0,
                     temperature=s.temperature if s.temperature > 0 else 1.0,
                     top_p=s.top_p,
-                    seed=s.seed,
-                )[0]
-            self.metrics.reply(response, time.perf_counter() - t0)
-            if job.stop:
-                cut = _cut_at_stop(response.text, job.stop)
-                if cut is not None or (streamer is not None and streamer.stopped):
-                    text = response.text if cut is None else response.text[:cut]
-                    response = dataclasses.replace(response, text=text, finish_reason="stop")
-                    self.metrics.count("stopped_by_string")
-            if streamer is not None:
-                streamer.finish(response.text)
-            job.events.put(("done", response))
-        except _Cancelled:  # the client left or the server is shutting down
-            if job.cancel_reason is not None:
-                self.metrics.count("aborted")
-            sent = len(streamer.ids) if streamer is not None else 0
-            reason = job.cancel_reason or "the request was stopped"
-            job.events.put(("error", ApiError(
-                503, f"{reason}: the reply was cut off after {sent} generated tokens; retry "
-                "later.", type="server_error", code="generation_aborted",
-            )))  # fmt: skip
+                    seed=None if s.seed is None else (s.seed + i) % (MAX_SEED + 1),
+                    guard=job.guard,
+                    refusal=job.refusal,
+                    stop=job.stop,
+                    logprobs=job.logprobs,
+                    on_token=functools.partial(self._on_token, job, streamers[i]),
+                )
+                for i in range(job.n)
+            ]
+            tickets = []
+            try:
+                for request in requests:
+                    tickets.append(self.decoder.submit(request))
+            except BaseException:
+                for ticket in tickets:
+                    self.decoder.cancel(ticket)
+                raise
         except ApiError as exc:
             job.events.put(("error", exc))
+            return
         except SteerlexError as exc:
             job.events.put(("error", ApiError(400, str(exc), param="messages")))
-        except Exception as exc:  # a bug or a model failure: keep serving the others
+            return
+        except Exception as exc:  # a bug: keep serving the others
+            log.exception("starting a generation failed")
+            job.events.put(("error", ApiError(500, f"generation failed: {exc}",
+                                              type="server_error")))  # fmt: skip
+            return
+        job.tickets, job.left, job.began = tickets, job.n, time.perf_counter()
+        for i, ticket in enumerate(tickets):
+            self._active[ticket] = (job, i, streamers[i])
+        self._running.append(job)
+        job.events.put(("start", n_prompt))
+
+    @staticmethod
+    def _on_token(
+        job: _Job, streamer: _Streamer | None, token: int, logprob: TokenLogprob | None
+    ) -> None:
+        job.generated += 1
+        if streamer is not None:
+            streamer.push(token, logprob)
+
+    def _reap(self) -> None:
+        """Drop the running jobs that were cancelled (client gone, or the server stopping)."""
+        for job in [j for j in self._running if j.cancelled.is_set()]:
+            self._end(job)
+            if job.cancel_reason is not None:
+                self.metrics.count("aborted")
+            reason = job.cancel_reason or "the request was stopped"
+            job.events.put(("error", ApiError(
+                503, f"{reason}: the reply was cut off after {job.generated} generated tokens; "
+                "retry later.", type="server_error", code="generation_aborted",
+            )))  # fmt: skip
+
+    def _end(self, job: _Job) -> None:
+        """Take ``job`` out of the batch (its unfinished choices are dropped)."""
+        for ticket in job.tickets:
+            if self._active.pop(ticket, None) is not None:
+                self.decoder.cancel(ticket)
+        if job in self._running:
+            self._running.remove(job)
+        took = time.perf_counter() - job.began
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * took
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            finished = self.decoder.step()
+        except Exception as exc:  # a model failure: every running job fails, the queue goes on
             log.exception("generation failed")
-            job.events.put(
-                ("error", ApiError(500, f"generation failed: {exc}", type="server_error"))
-            )
+            for job in list(self._running):
+                self._end(job)
+                job.events.put(
+                    ("error", ApiError(500, f"generation failed: {exc}", type="server_error"))
+                )
+            return
+        self.metrics.step(self.decoder.running + len(finished), time.perf_counter() - t0)
+        for ticket, response in finished:
+            active = self._active.pop(ticket, None)
+            if active is None:
+                continue
+            job, index, streamer = active
+            self.metrics.reply(response, job.stop, self._eos)
+            entries: list[dict[str, Any]] = []
+            if streamer is not None:
+                streamer.finish(response.text)
+            elif response.logprobs is not None:
+                entries = [self._pieces.entry(lp) for lp in response.logprobs]
+            job.events.put(("done", (index, response, entries)))
+            job.left -= 1
+            if job.left == 0:
+                self._end(job)
 
 
 def _shutting_down() -> ApiError:
     return ApiError(503, "the server is shutting down; retry later.", type="server_error",
                     code="server_shutting_down", headers={"Retry-After": "5"})  # fmt: skip
-
-
-def _eos_id(steered: SteeredModel) -> int | None:
-    """The token that ends a reply (the first of the model's EOS ids), or None."""
-    eos = getattr(steered.loaded.model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = steered.loaded.tokenizer.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return None if eos is None else int(eos)
-
-
-@contextlib.contextmanager
-def _watch_tokens(steered: SteeredModel, job: _Job, streamer: _Streamer | None) -> Iterator[None]:
-    """While generating: stop on cancellation, feed each new token to the streamer, and end the
-    reply once it holds a stop string.
-
-    A forward pre-hook on the input embeddings sees every token fed back into the model (each
-    generated token but the last, which the final text carries); the first call is the prefill.
-    Once the streamer has seen a stop string, a forward hook on the output embeddings makes EOS
-    the only possible next token, so generation ends there (finish_reason "stop") with its
-    steering report, instead of running on to ``max_tokens``.
-    """
-    calls = 0
-    worker = threading.get_ident()
-    model = steered.loaded.model
-
-    def hook(module: Any, args: tuple[Any, ...]) -> None:
-        nonlocal calls
-        if threading.get_ident() != worker:  # another thread's call on the same model
-            return
-        if job.cancelled.is_set():
-            raise _Cancelled
-        calls += 1
-        if calls > 1 and streamer is not None and args:
-            ids = args[0]
-            if hasattr(ids, "shape") and ids.dim() == 2 and ids.shape[1] == 1:
-                streamer.push(int(ids[0, 0]))
-
-    eos = _eos_id(steered) if job.stop else None
-
-    def force_eos(module: Any, args: tuple[Any, ...], output: Any) -> Any:
-        if threading.get_ident() != worker or streamer is None or not streamer.stopped:
-            return None
-        if not hasattr(output, "dim") or output.dim() != 3:
-            return None
-        forced = output.clone()
-        forced[:, -1, :] = float("-inf")
-        forced[:, -1, eos] = 0.0
-        return forced
-
-    handles = [model.get_input_embeddings().register_forward_pre_hook(hook)]
-    head = model.get_output_embeddings() if eos is not None else None
-    if head is not None:
-        handles.append(head.register_forward_hook(force_eos))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # --- HTTP: the connection layer (uvicorn's h11 protocol with a total read deadline and a cap) -----
@@ -988,14 +1125,16 @@ class _App:
         closing = srv.closing()
         data = {"status": "shutting_down" if closing else "ok", "model": srv.model_name,
                 "model_loaded": srv.worker.alive(), "queued": srv.queued(),
-                "running": srv.worker.running(), "max_queue": srv.limits.max_queue,
+                "running": srv.worker.running(), "batch_rows": srv.worker.rows(),
+                "max_batch": srv.limits.max_batch, "max_queue": srv.limits.max_queue,
                 "connections": srv.connections(),
                 "max_connections": srv.limits.max_connections}  # fmt: skip
         return _json(503 if closing else 200, data)
 
     async def metrics(self, request: Request) -> Response:
         srv = self.srv
-        text = srv.metrics.render(srv.queued(), srv.worker.running(), srv.connections())
+        worker = srv.worker
+        text = srv.metrics.render(srv.queued(), worker.running(), worker.rows(), srv.connections())
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _model_card(self) -> dict[str, Any]:
@@ -1048,14 +1187,15 @@ class _App:
             )
         watcher = asyncio.create_task(self._watch_disconnect(request, job))
         try:
-            while True:
+            done: dict[int, tuple[SteeredResponse, list[dict[str, Any]]]] = {}
+            while len(done) < job.n:
                 kind, value = await self._next(job)
                 if kind == "error":
                     raise value
                 if kind == "done":
-                    break
+                    done[value[0]] = (value[1], value[2])
             rid = f"chatcmpl-{uuid.uuid4().hex}"
-            return _json(200, _completion(rid, srv.model_name, value, job))
+            return _json(200, _completion(rid, srv.model_name, done, job))
         finally:
             watcher.cancel()
             job.cancelled.set()  # a no-op once done
@@ -1082,14 +1222,21 @@ class _App:
         srv = self.srv
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        def chunk(
+            index: int,
+            delta: dict[str, Any],
+            finish: str | None = None,
+            logprobs: list[dict[str, Any]] | None = None,
+            **extra: Any,
+        ) -> bytes:
+            lp = {"content": logprobs, "refusal": None} if logprobs else None
             data: dict[str, Any] = {
                 "id": rid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": srv.model_name,
                 "choices": [
-                    {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                    {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
                 ],
             }
             if include_usage:
@@ -1098,21 +1245,25 @@ class _App:
             return _sse(data)
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
+            for index in range(job.n):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            completion_tokens, finished = 0, 0
+            while finished < job.n:
                 kind, value = await self._next(job)
                 if kind == "delta":
-                    yield chunk({"content": value})
+                    index, text, entries = value
+                    yield chunk(index, {"content": text} if text else {}, logprobs=entries)
                 elif kind == "done":
-                    r: SteeredResponse = value
-                    yield chunk({}, r.finish_reason, steerlex=_steerlex_field(r, job))
-                    if include_usage:
+                    index, r, _entries = value
+                    completion_tokens += _completion_tokens(r)
+                    finished += 1
+                    yield chunk(index, {}, r.finish_reason, steerlex=_steerlex_field(r, job))
+                    if finished == job.n and include_usage:
                         yield _sse(
                             {"id": rid, "object": "chat.completion.chunk", "created": created,
                              "model": srv.model_name, "choices": [],
-                             "usage": _usage(prompt_tokens, len(r.token_ids))}
+                             "usage": _usage(prompt_tokens, completion_tokens)}
                         )  # fmt: skip
-                    break
                 elif kind == "error":  # after the headers went out: report it in the stream
                     yield _sse(value.body())
                     break
@@ -1230,6 +1381,8 @@ class SteeringServer:
         api_key: str | None,
         limits: ServerLimits,
         shutdown_grace: float = 10.0,
+        guard: GuardMode = "steer",
+        refusal: str = DEFAULT_REFUSAL,
     ) -> None:
         family = socket.AF_INET6 if ":" in address[0] else self.address_family
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1247,6 +1400,8 @@ class SteeringServer:
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.limits = limits
         self.shutdown_grace = shutdown_grace
+        self.guard: GuardMode = guard
+        self.refusal = refusal
         self.created = int(time.time())
         self.metrics = _Metrics()
         # read on this thread, before the worker exists: the tokenizer is not shared yet
@@ -1494,10 +1649,12 @@ def _parse_chat(body: Any, srv: SteeringServer) -> tuple[_Job, bool]:
                 400, f"{name}={_show(value)} is not supported by steerlex serve; leave it out.",
                 param=name, code="unsupported_parameter",
             )  # fmt: skip
-    n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, f"n={_show(n)} is not supported; steerlex serve returns one choice (n=1).",
-                       param="n", code="unsupported_parameter")  # fmt: skip
+    n = body.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_n:
+        raise ApiError(400, f"n must be an integer from 1 to {limits.max_n} (limit max_n), got "
+                       f"{_show(n)}.", param="n")  # fmt: skip
+    logprobs = _parse_logprobs(body)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, f"response_format={_show(fmt)} is not supported; only plain text.",
@@ -1515,10 +1672,30 @@ def _parse_chat(body: Any, srv: SteeringServer) -> tuple[_Job, bool]:
         raise ApiError(400, f"stream_options.include_usage must be true or false, got "
                        f"{_show(include_usage)}.", param="stream_options")  # fmt: skip
     sampling = _parse_sampling(body, limits)
-    strategy, enabled = _parse_override(body.get("steerlex"), srv.steered, limits)
+    o = _parse_override(body.get("steerlex"), srv)
     stop = _parse_stop(body.get("stop"))
-    job = _Job(messages, sampling, strategy, enabled, stream, _Events(), stop)
+    job = _Job(messages, sampling, o.strategy, o.enabled, stream, _Events(), stop, n=n,
+               guard=o.guard, refusal=o.refusal, logprobs=logprobs)  # fmt: skip
     return job, bool(include_usage)
+
+
+def _parse_logprobs(body: Mapping[str, Any]) -> int | None:
+    """``logprobs`` (true/false) and ``top_logprobs`` (0 to 20, needs ``logprobs``): how many
+    alternatives per token to report, or None for no log-probabilities."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, f"logprobs must be true or false, got {_show(want)}.",
+                       param="logprobs")  # fmt: skip
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS
+    ):
+        raise ApiError(400, f"top_logprobs must be an integer from 0 to {MAX_LOGPROBS}, got "
+                       f"{_show(top)}.", param="top_logprobs")  # fmt: skip
+    if not want:
+        if top:
+            raise ApiError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+        return None
+    return int(top or 0)
 
 
 def _parse_stop(value: Any) -> tuple[str, ...]:
@@ -1651,13 +1828,23 @@ def _parse_sampling(body: Mapping[str, Any], limits: ServerLimits) -> _Sampling:
     return _Sampling(max_tokens, temperature, top_p, seed)
 
 
-def _parse_override(
-    spec: Any, steered: SteeredModel, limits: ServerLimits
-) -> tuple[SteeringStrategy | None, bool]:
-    """This request's strategy and on/off state: the server's, changed by ``"steerlex"``."""
+@dataclass(frozen=True)
+class _Override:
+    """One request's steering: strategy, on/off, guard mode and refusal text."""
+
+    strategy: SteeringStrategy | None
+    enabled: bool
+    guard: GuardMode
+    refusal: str
+
+
+def _parse_override(spec: Any, srv: SteeringServer) -> _Override:
+    """This request's steering: the server's, changed by ``"steerlex"``."""
+    steered, limits = srv.steered, srv.limits
     strategy, enabled = steered.strategy, steered.enabled
+    guard, refusal = srv.guard, srv.refusal
     if spec is None:
-        return strategy, enabled
+        return _Override(strategy, enabled, guard, refusal)
     if not isinstance(spec, dict):
         raise ApiError(400, f'"steerlex" must be an object like {{"steer": false}}, got '
                        f"{_show(spec)}.", param="steerlex")  # fmt: skip
@@ -1689,7 +1876,28 @@ def _parse_override(
             strategy.check(steered.sae)
         except SteeringError as exc:
             raise ApiError(400, f"steerlex.strength: {exc}", param="steerlex.strength") from None
-    return strategy, enabled
+    value = spec.get("guard")
+    if value is not None:
+        if value not in GUARD_MODES:
+            raise ApiError(400, f"steerlex.guard must be one of {', '.join(GUARD_MODES)}, got "
+                           f"{_show(value)}.", param="steerlex.guard")  # fmt: skip
+        if value != "steer" and (strategy is None or strategy.gate is None):
+            raise ApiError(
+                400,
+                f"steerlex.guard={value!r} acts on a harm detector (the strategy's gate), and "
+                "this server's strategy has none; start steerlex serve with --harm.",
+                param="steerlex.guard",
+            )
+        guard = value
+    text = spec.get("refusal")
+    if text is not None:
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_REFUSAL_CHARS:
+            raise ApiError(400, f"steerlex.refusal must be a non-empty text of at most "
+                           f"{MAX_REFUSAL_CHARS} characters, got {_show(text)}.",
+                           param="steerlex.refusal")  # fmt: skip
+        _check_unicode(text, "steerlex.refusal", param="steerlex.refusal")
+        refusal = text
+    return _Override(strategy, enabled, guard, refusal)
 
 
 def _check_prompt_bound(job: _Job, srv: SteeringServer) -> None:
@@ -1747,35 +1955,69 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}  # fmt: skip
 
 
+def _completion_tokens(r: SteeredResponse) -> int:
+    """Tokens the model generated for a reply (a refusal's text was not generated: 0)."""
+    return 0 if r.guard == "refused" else len(r.token_ids)
+
+
+def _action(r: SteeredResponse) -> str:
+    """What was done to a reply: ``refused`` / ``aborted`` (a guard), ``steered`` (some position
+    was edited) or ``none``."""
+    if r.guard is not None:
+        return r.guard
+    report = r.report
+    edited = report.edited_prompt_positions + report.edited_generated_positions
+    return "steered" if edited else "none"
+
+
 def _steerlex_field(r: SteeredResponse, job: _Job) -> dict[str, Any]:
-    """The report of one reply: settings used, features that fired (strongest first), details."""
+    """The report of one reply: settings used, whether the gate opened, features that fired
+    (strongest first), what was done (``action``), details."""
     report = r.report
     return {
         "steer": job.enabled,
         "strategy": report.strategy,
         "strength": job.strategy.strength if job.strategy is not None else None,
+        "guard": job.guard,
         "gate_open": report.gate_open,
+        "harm_score": report.harm_score,
         "fired": [{"feature": f.feature, "role": f.role} for f in report.fired()],
+        "action": _action(r),
         "report": report.to_dict(),
     }
 
 
-def _completion(rid: str, model: str, r: SteeredResponse, job: _Job) -> dict[str, Any]:
+def _completion(
+    rid: str,
+    model: str,
+    done: Mapping[int, tuple[SteeredResponse, list[dict[str, Any]]]],
+    job: _Job,
+) -> dict[str, Any]:
+    """The chat.completion body of a request's ``n`` replies (``done``: index -> (reply, its
+    logprob entries)); the top-level ``steerlex`` field is choice 0's, each choice has its own."""
+    choices = []
+    for index in range(job.n):
+        r, entries = done[index]
+        lp = {"content": entries, "refusal": None} if job.logprobs is not None else None
+        choices.append({
+            "index": index,
+            "message": {"role": "assistant", "content": r.text,
+                        "refusal": r.text if r.guard == "refused" else None},
+            "finish_reason": r.finish_reason,
+            "logprobs": lp,
+            "steerlex": _steerlex_field(r, job),
+        })  # fmt: skip
+    first = done[0][0]
     return {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": r.text},
-                "finish_reason": r.finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage(len(r.prompt_ids), len(r.token_ids)),
-        "steerlex": _steerlex_field(r, job),
+        "choices": choices,
+        "usage": _usage(
+            len(first.prompt_ids), sum(_completion_tokens(r) for r, _ in done.values())
+        ),
+        "steerlex": choices[0]["steerlex"],
     }
 
 
@@ -1788,6 +2030,8 @@ def make_server(
     model_name: str | None = None,
     limits: ServerLimits | None = None,
     shutdown_grace: float = 10.0,
+    guard: GuardMode = "steer",
+    refusal: str = DEFAULT_REFUSAL,
 ) -> SteeringServer:
     """An OpenAI-compatible server over ``steered``, bound but not yet serving.
 
@@ -1812,7 +2056,26 @@ def make_server(
     ):
         raise SteeringError(f"shutdown_grace must be a number of seconds >= 0, got "
                             f"{shutdown_grace!r}.")  # fmt: skip
+    check_guard(guard, refusal, steered.strategy)
     return SteeringServer(
         steered, (host, port), model_name=name, api_key=api_key, limits=limits or ServerLimits(),
-        shutdown_grace=float(shutdown_grace),
+        shutdown_grace=float(shutdown_grace), guard=guard, refusal=refusal,
     )  # fmt: skip
+
+
+def check_guard(guard: str, refusal: str, strategy: SteeringStrategy | None) -> None:
+    """Refuse a server guard mode that is unknown or has no detector to act on, and an empty
+    or overlong refusal text."""
+    if guard not in GUARD_MODES:
+        raise SteeringError(f"guard must be one of {', '.join(GUARD_MODES)}, got {guard!r}.")
+    if guard != "steer" and (strategy is None or strategy.gate is None):
+        raise SteeringError(
+            f"guard {guard!r} acts on a harm detector, the strategy's gate, and this strategy "
+            f"({strategy.describe() if strategy is not None else 'none'}) has none; give --harm "
+            "(harm feature ids, a selected_features.json or a gate_probe.safetensors)."
+        )
+    if not isinstance(refusal, str) or not refusal.strip() or len(refusal) > MAX_REFUSAL_CHARS:
+        raise SteeringError(
+            f"the refusal text must be non-empty and at most {MAX_REFUSAL_CHARS} characters."
+        )
+    check_text(refusal, "the refusal text", SteeringError)
