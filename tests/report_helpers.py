@@ -81,6 +81,11 @@ def _explanations(root: Path, fired: int, safety: int, lens: int) -> None:
         write_explanations(rows, root / "explanations", method, {"test": True})
 
 
+def output_auroc(method_index: int, feature: int) -> float:
+    """The synthetic per-feature output AUROC: distinct per feature, not in id order."""
+    return round(0.3 + 0.08 * ((feature * 3 + method_index) % 8), 3)
+
+
 def _metrics() -> dict[str, Any]:
     methods = sorted(METHODS)
 
@@ -96,12 +101,18 @@ def _metrics() -> dict[str, Any]:
                 "auroc_ci": [0.61, 0.79],
                 "share_above_chance": 0.9,
                 "extra": {"lift_nats_mean": 1.05},
+                "per_feature": {str(c): output_auroc(i, c) for c in range(8)},
             }
             for i, m in enumerate(methods)
         },
         "input_faithfulness": {
-            m: {"auroc_mean": 0.55, "auroc_ci": [0.5, 0.6], "share_above_chance": 0.25}
-            for m in methods
+            m: {
+                "auroc_mean": 0.55,
+                "auroc_ci": [0.5, 0.6],
+                "share_above_chance": 0.25,
+                "per_feature": {str(c): round(0.3 + 0.05 * ((c * 5 + i) % 8), 3) for c in range(8)},
+            }
+            for i, m in enumerate(methods)
         },
         "frequency_bias": {
             "methods": {
@@ -134,7 +145,8 @@ def _selections(root: Path, fired: int, safety: int) -> None:
     FeatureSelection(
         concept=HARM, method="data", side="input",
         features=[SelectedFeature(fired, 2.5, "harmful - benign mean activation 2.5",
-                                  ("umbrella",))],
+                                  ("umbrella",), {"mean_harmful": 3.0, "mean_benign": 0.5,
+                                                  "difference": 2.5})],
     ).save(root / "selected_harm.json")  # fmt: skip
 
 

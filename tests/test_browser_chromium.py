@@ -1,5 +1,7 @@
-"""The feature browser in a real headless Chromium (Selenium): search, results, feature page,
-highlighted contexts, concept and selection searches, and a screenshot.
+"""The feature browser and the report in a real headless Chromium (Selenium): the browser's
+start page ranked by faithfulness, search, results, feature page, highlighted contexts, concept
+and selection searches, a screenshot; the report's first explanation rows sorted by
+faithfulness.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
 ``/usr/bin/chromedriver``) and the ``selenium`` package. Without them the test is skipped,
@@ -20,7 +22,7 @@ import pytest
 
 from report_helpers import RunInfo, make_run_dir
 from steerlex.models.loading import LoadedModel
-from steerlex.report import build_browser
+from steerlex.report import build_browser, build_report
 
 CHROMIUM = os.environ.get("STEERLEX_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("STEERLEX_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -90,6 +92,12 @@ def test_browser_in_headless_chromium(
     box = wait.until(ec.element_to_be_clickable((By.ID, "search")))
     assert "tiny-run" in driver.title
 
+    # the start page leads with the most faithful features, best first, the AUROC beside each
+    faithful = driver.find_elements(By.CSS_SELECTOR, "#faithful .result")
+    values = [float(r.get_attribute("data-faithfulness")) for r in faithful]
+    assert len(values) == 8 and values == sorted(values, reverse=True)
+    assert f"{values[0]:.3f}" in faithful[0].text
+
     # a word search: MI words of `fired`, LogitLens tokens of `lens` (" Umbrella")
     box.send_keys("umbrella")
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result"))
@@ -148,3 +156,29 @@ def test_browser_in_headless_chromium(
     # no script error surfaced while browsing (the console is checked where the driver allows)
     logs = driver.get_log("browser") if hasattr(driver, "get_log") else []
     assert not [e for e in logs if e.get("level") == "SEVERE"], logs
+
+
+def test_report_in_headless_chromium_leads_with_the_most_faithful_features(
+    driver: Any, tiny_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run: RunInfo = make_run_dir(tmp_path / "run", tiny_loaded)
+    page = build_report(run.root)
+    driver.get(page.resolve().as_uri())
+    WebDriverWait(driver, WAIT_S).until(
+        ec.visibility_of_element_located((By.ID, "explanation-quality"))
+    )
+    rows = driver.find_elements(By.CSS_SELECTOR, "#explanations table.faithful tbody tr")
+    assert len(rows) >= 3
+    shown = [float(r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows]
+    assert shown == sorted(shown, reverse=True), shown  # the first rows: most faithful first
+    recorded = [float(r.get_attribute("data-faithfulness")) for r in rows]
+    assert [round(v, 3) for v in recorded] == shown
+    links = [r.find_element(By.CSS_SELECTOR, "a").get_attribute("href") for r in rows]
+    assert all("browser.html#feature=" in h for h in links)
+    panel = driver.find_element(By.ID, "explanation-quality").text
+    assert "random words" in panel and "AUROC" in panel
+    assert driver.find_elements(By.CSS_SELECTOR, "#sae svg g.dead")

@@ -16,9 +16,11 @@ from steerlex.explain.metrics import (
     _max_activations,
     _text_tokens,
     auroc,
+    best_method,
     input_faithfulness,
     mean_ci,
     output_faithfulness,
+    ranked_features,
     word_token_ids,
 )
 from steerlex.models.chat import left_padded
@@ -66,6 +68,26 @@ def test_mean_ci() -> None:
     assert mean == 2.0 and lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
     assert mean_ci([0.7]) == (0.7, 0.7, 0.7)
     assert all(math.isnan(v) for v in mean_ci([]))
+
+
+def test_best_method_and_ranked_features_read_a_result() -> None:
+    result: dict[str, Any] = {
+        "methods": ["a", "b", "c"],
+        "output_faithfulness": {
+            "a": {"auroc_mean": 0.7, "per_feature": {"3": 0.9, "1": 0.6, "2": 0.9, "4": math.nan}},
+            "b": {"auroc_mean": 0.7, "per_feature": {}},
+            "c": {"auroc_mean": math.nan},
+        },
+        "input_faithfulness": {"c": {"auroc_mean": 0.52}, "b": {"auroc_mean": 0.61}},
+    }
+    assert best_method(result) == "a"  # tie with b: the first in "methods"; c's NaN skipped
+    assert best_method(result, "input") == "b"
+    # most faithful first, ties by id; NaN left out; string keys (JSON) become ints
+    assert ranked_features(result, "a") == [(2, 0.9), (3, 0.9), (1, 0.6)]
+    assert ranked_features(result, "b") == [] and ranked_features(result, "zzz") == []
+    assert best_method({"methods": ["a"]}) is None
+    with pytest.raises(ExplainError, match="side"):
+        best_method(result, "middle")
 
 
 def test_left_padding_matches_unpadded(tiny_loaded: LoadedModel) -> None:

@@ -28,6 +28,7 @@ from steerlex.pipeline.config import (
     resolve_config,
 )
 from steerlex.pipeline.stages import StageConfigs, stage_configs
+from steerlex.report.headline import summary_lines
 from steerlex.sae.train import TrainConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -301,3 +302,19 @@ def test_a_partial_run_says_which_stages_are_left(
     log = io.StringIO()
     prun.run_pipeline(_quick("p"), tmp_path, ctx=RunContext(log=log))
     assert f"run {tmp_path / 'p'} complete" in log.getvalue()
+
+
+def test_a_run_ends_with_its_summary_even_when_outputs_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prun, "STAGES", _stages([], {}))
+    log = io.StringIO()
+    prun.run_pipeline(_quick("s"), tmp_path, only=["a"], ctx=RunContext(log=log))
+    lines = log.getvalue().splitlines()
+    start = lines.index(f"steerlex run: summary of {tmp_path / 's'}")
+    tail = "\n".join(lines[start:])
+    # the toy stages write none of the real outputs: each headline says what is missing
+    assert "missing:" in tail and "sae/eval/eval.json (stage eval-sae)" in tail
+    assert "eval/scores.json (stage eval)" in tail and "report.html (stage report)" in tail
+    assert "complete" not in log.getvalue()
+    assert lines[start + 1 :] == summary_lines(tmp_path / "s")[1:]

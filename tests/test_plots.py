@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from steerlex.plots import Series, line_plot, nice_ticks
+from steerlex.plots import Series, frequency_histogram, line_plot, nice_ticks
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -44,3 +44,38 @@ def test_nice_ticks_cover_the_range_with_round_steps() -> None:
     ticks = nice_ticks(0.013, 0.087)
     assert ticks[0] <= 0.013 and ticks[-1] >= 0.087
     assert len(nice_ticks(3.0, 3.0)) >= 2  # a flat series still gets an axis
+
+
+def test_frequency_histogram_counts_dead_latents_apart_with_readable_axes() -> None:
+    edges = [-8.0 + 0.5 * i for i in range(17)]
+    counts = [0, 1, 0, 0, 2, 0, 0, 0, 3, 5, 8, 13, 9, 4, 2, 1]
+    svg = frequency_histogram(edges, counts, 7, title="firing <freq>")
+    root = ET.fromstring(svg)
+    bins = [r for r in root.iter(f"{SVG}rect") if r.get("class") == "bin"]
+    assert [int(str(r.get("data-count"))) for r in bins] == counts
+    dead = [g for g in root.iter(f"{SVG}g") if g.get("class") == "dead"]
+    assert len(dead) == 1 and dead[0].get("data-count") == "7"
+    texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
+    assert "dead" in texts and "7" in texts and "latents" in texts
+    assert "firing <freq>" in texts
+    assert any("log10 bins" in t for t in texts)
+    # decade ticks as powers of ten: 10^-8 .. 10^-1, then 1
+    for label in ("10-8", "10-4", "10-1", "1"):
+        assert label in texts
+    # the dead bar is as tall as a bin of the same count (one scale)
+    seven = frequency_histogram(edges, [7] + [0] * 15, 7)
+    rects = [r for r in ET.fromstring(seven).iter(f"{SVG}rect") if r.get("fill") != "white"]
+    dead_bar, first_bin = rects[0], rects[1]
+    assert first_bin.get("class") == "bin" and first_bin.get("data-count") == "7"
+    assert dead_bar.get("height") == first_bin.get("height") != "0.0"
+
+
+@pytest.mark.parametrize(
+    ("edges", "counts", "dead"),
+    [([0.0, 1.0], [1, 2], 0), ([1.0, 0.0], [1], 0), ([0.0, 1.0], [-1], 0), ([0.0, 1.0], [1], -1)],
+)
+def test_frequency_histogram_refuses_bad_input(
+    edges: list[float], counts: list[int], dead: int
+) -> None:
+    with pytest.raises(ValueError):
+        frequency_histogram(edges, counts, dead)

@@ -15,9 +15,11 @@ from conftest import make_tokenizer
 from report_helpers import (
     INJECTION,
     LAYER,
+    METHODS,
     WORD_INJECTION,
     RunInfo,
     make_run_dir,
+    output_auroc,
     tiny_sae,
     tiny_store,
 )
@@ -37,7 +39,10 @@ from steerlex.report import (
     write_examples,
     write_feature_stats,
 )
+from steerlex.report import html as report_html
+from steerlex.report.faithfulness import fmt_auroc, method_auroc
 from steerlex.report.features import readable_token
+from steerlex.report.headline import best_defence, summary_lines
 from steerlex.report.html import markdown_table_html
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
@@ -416,3 +421,176 @@ def test_markdown_table_html_escapes_cells() -> None:
         "<table><thead><tr><th>a</th><th>b</th></tr></thead>"
         "<tbody><tr><td>&lt;x&gt;</td><td>1 | 2</td></tr></tbody></table>"
     )
+
+
+# --------------------------------------------------------------------------- leading with what works
+
+
+def section(text: str, sid: str) -> str:
+    m = re.search(rf'<section id="{sid}">(.*?)</section>', text, re.S)
+    assert m is not None, sid
+    return m.group(1)
+
+
+def faithful_rows(text: str) -> list[tuple[int, float]]:
+    rows = re.findall(r'<tr data-feature="(\d+)" data-faithfulness="([^"]+)">', text)
+    return [(int(f), float(v)) for f, v in rows]
+
+
+def metrics_of(run: RunInfo) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run.root / "explanations" / "metrics.json").read_text())
+    return data
+
+
+def test_side_by_side_leads_with_the_most_faithful_features(run: RunInfo) -> None:
+    text = section(build_report(run.root).read_text(), "explanations")
+    # topact has the best mean output AUROC (0.74) in the fixture: its per-feature AUROCs rank
+    lead = sorted(METHODS).index("topact")
+    expected = sorted(((c, output_auroc(lead, c)) for c in range(8)), key=lambda p: (-p[1], p[0]))
+    rows = faithful_rows(text)
+    assert rows == expected
+    assert [f for f, _ in rows] != sorted(f for f, _ in rows)  # not the id order
+    assert "<th>output AUROC (topact)</th>" in text
+    first_feature, first_value = rows[0]
+    assert f'<span class="faith">{first_value:.3f}</span>' in text
+    assert f'href="browser.html#feature={first_feature}"' in text
+
+
+def test_side_by_side_shows_the_rest_collapsed(
+    run: RunInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(report_html, "N_SIDE_BY_SIDE", 3)
+    text = section(build_report(run.root).read_text(), "explanations")
+    head, rest = text.split("<details>")
+    assert len(faithful_rows(head)) == 3 and len(faithful_rows(rest)) == 5
+    values = [v for _, v in faithful_rows(text)]
+    assert values == sorted(values, reverse=True)
+    assert "The other 5 scored features" in rest and '<td class="num">4</td>' in rest  # ranks go on
+
+
+def test_without_per_feature_metrics_the_table_keeps_id_order(run: RunInfo) -> None:
+    metrics = metrics_of(run)
+    for side in ("output_faithfulness", "input_faithfulness"):
+        for rec in metrics[side].values():
+            rec.pop("per_feature")
+    (run.root / "explanations" / "metrics.json").write_text(json.dumps(metrics))
+    text = section(build_report(run.root).read_text(), "explanations")
+    assert faithful_rows(text) == []
+    assert "No per-feature faithfulness" in text
+    ids = [int(f) for f in re.findall(r'<tr><td><a href="browser.html#feature=(\d+)"', text)]
+    assert ids == sorted(ids) and len(ids) == 8
+    data = embedded_data(build_browser(run.root).read_text())
+    assert data["faithfulness"] is None and data["notes"]["faithfulness"].startswith("not run")
+
+
+def test_quality_panel_numbers_equal_the_metrics_file(run: RunInfo) -> None:
+    text = build_report(run.root).read_text()
+    panel = re.search(r'<div class="panel" id="explanation-quality">(.*?)</div>', text, re.S)
+    assert panel is not None
+    spans = re.findall(
+        r'<span class="auroc" data-method="([^"]+)" data-side="([^"]+)">([^<]*)</span>',
+        panel.group(1),
+    )
+    metrics = metrics_of(run)
+    shown = {(m, side): v for m, side, v in spans}
+    assert {m for m, _ in shown} == set(METHODS)
+    for method in METHODS:
+        for side in ("output", "input"):
+            rec = metrics[f"{side}_faithfulness"][method]
+            lo, hi = rec["auroc_ci"]
+            assert shown[(method, side)] == f"{rec['auroc_mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert shown[("topact", "output")] == "0.740 [0.610, 0.790]"
+    assert "better than random words" in panel.group(1)  # topact's interval is above 0.5
+    assert "not distinguishable from random words" in panel.group(1)  # input [0.5, 0.6]
+    assert f"On the {len(metrics['features'])} features" in panel.group(1)
+
+
+def test_auroc_formatting_and_missing_values() -> None:
+    metrics = {"output_faithfulness": {"a": {"auroc_mean": 0.5, "auroc_ci": [None, 0.6]},
+                                       "b": {"auroc_mean": None}}}  # fmt: skip
+    assert fmt_auroc(method_auroc(metrics, "a", "output")) == "0.500"
+    assert method_auroc(metrics, "b", "output") is None and fmt_auroc(None) == "–"
+    assert method_auroc(None, "a", "input") is None
+
+
+def test_selected_features_show_their_evidence_safety_first(run: RunInfo) -> None:
+    text = section(build_report(run.root).read_text(), "selected")
+    assert text.index("selected_safety.json") < text.index("selected_harm.json")
+    assert "matching words: refuse (1.00)" in text
+    assert "mean activation 3 on harmful vs 0.5 on benign prompts" in text
+    assert "<th>evidence</th>" in text and "<th>output AUROC (topact)</th>" in text
+
+
+def test_firing_histogram_in_the_report_counts_the_dead_latents(run: RunInfo) -> None:
+    text = section(build_report(run.root).read_text(), "sae")
+    hist = json.loads((run.root / "sae" / "eval" / "eval.json").read_text())["activation"][
+        "firing_histogram"
+    ]
+    assert f'<g class="dead" data-count="{hist["n_dead"]}">' in text
+    counts = [int(c) for c in re.findall(r'<rect class="bin" data-count="(\d+)"', text)]
+    assert counts == hist["counts"]
+    assert ">dead</text>" in text and "log10 bins" in text and ">latents</text>" in text
+
+
+def test_browser_start_page_data_is_ranked_by_faithfulness(run: RunInfo) -> None:
+    data = embedded_data(build_browser(run.root).read_text())
+    faith = data["faithfulness"]
+    lead = sorted(METHODS).index("topact")
+    expected = sorted(((c, output_auroc(lead, c)) for c in range(8)), key=lambda p: (-p[1], p[0]))
+    assert (faith["method"], faith["side"]) == ("topact", "output")
+    assert [tuple(p) for p in faith["ranked"]] == expected
+    assert data["features"]["3"]["faith"]["mi"] == {
+        "output": output_auroc(sorted(METHODS).index("mi"), 3),
+        "input": metrics_of(run)["input_faithfulness"]["mi"]["per_feature"]["3"],
+    }
+    assert list(data["selected"]) == ["safety", "harm"]
+
+
+# --------------------------------------------------------------------------- the terminal summary
+
+
+def test_summary_of_a_full_run(run: RunInfo) -> None:
+    (run.root / "eval" / "results.md").write_text("# Safety evaluation\n")
+    build_report(run.root)
+    lines = summary_lines(run.root)
+    text = "\n".join(lines)
+    assert lines[0] == f"summary of {run.root}"
+    act = json.loads((run.root / "sae" / "eval" / "eval.json").read_text())["activation"]
+    assert f"held-out FVE {act['fve']:.3f}" in text
+    assert f"{act['n_dead']} of {act['d_sae']} latents dead" in text
+    assert "topact, output AUROC 0.740 [0.610, 0.790] vs 0.5 for random words" in text
+    assert "amplify @ 2: attack success 25% [" in text and "(no defence 75%)" in text
+    assert "over-refusal 0% (no defence 0%)" in text and "judged by steerlex-rules-v1" in text
+    assert str(run.root / "report.html") in text and str(run.root / "eval" / "results.md") in text
+    assert "missing" not in text
+
+
+def test_summary_of_a_partial_run_says_what_is_missing(run: RunInfo) -> None:
+    (run.root / "eval" / "scores.json").unlink()
+    (run.root / "explanations" / "metrics.json").write_text("{broken")
+    lines = summary_lines(run.root)
+    text = "\n".join(lines)
+    assert "held-out FVE" in text  # what exists is still shown
+    assert "best defence: eval/scores.json (stage eval)" in text
+    assert "best explanations: explanations/metrics.json is unreadable" in text
+    assert "report.html (stage report)" in text and "eval/results.md (stage eval)" in text
+    assert not [ln for ln in lines if ln.strip().startswith("open:")]
+    empty = summary_lines(run.root / "nowhere")
+    assert len([ln for ln in empty if "(stage " in ln]) == 5
+
+
+def test_best_defence_keeps_to_the_over_refusal_budget() -> None:
+    def row(defence: str, asr: int, over: int) -> dict[str, Any]:
+        return {"defence": defence, "kind": defence, "strength": None, "headline": True,
+                "metrics": {"jailbreak": {"attack_success": {"k": asr, "n": 10, "rate": asr / 10}},
+                            "benign": {"over_refusal": {"k": over, "n": 100, "rate": over / 100}}}}  # fmt: skip
+
+    scores = {"conditions": [row("none", 6, 1), row("wall", 0, 60), row("gentle", 4, 5)]}
+    found = best_defence(scores, budget=0.05)
+    assert found is not None
+    best, base, within = found
+    assert best["defence"] == "gentle" and base is not None and within
+    found = best_defence(scores, budget=0.01)
+    assert found is not None and found[0]["defence"] == "wall"
+    assert not found[2]  # none within the budget: the lowest attack success overall
+    assert best_defence({"conditions": [row("none", 6, 1)]}) is None

@@ -1,18 +1,20 @@
-"""Tiny, dependency-free SVG charts: lines and scatter points on linear axes.
+"""Tiny, dependency-free SVG charts: lines and scatter points on linear axes, and the SAE's
+firing-frequency histogram on log10 bins.
 
-:func:`line_plot` returns an SVG document as a string (write it with
-:func:`~steerlex.core.io.write_bytes_atomic` or embed it in HTML). No fonts, scripts or
+:func:`line_plot` and :func:`frequency_histogram` return an SVG document as a string (write
+it with :func:`~steerlex.core.io.write_bytes_atomic` or embed it in HTML). No fonts, scripts or
 external resources are referenced, so the file renders the same offline and inside a report.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-__all__ = ["PALETTE", "Series", "line_plot", "nice_ticks"]
+__all__ = ["PALETTE", "Series", "frequency_histogram", "line_plot", "nice_ticks"]
 
 PALETTE: tuple[str, ...] = (
     "#1f77b4",
@@ -181,5 +183,115 @@ def line_plot(
         )
         out.append(f'<circle cx="{lx + 9}" cy="{ly}" r="3.5" fill="{color}"/>')
         out.append(f'<text x="{lx + 24}" y="{ly + 4}">{escape(s.name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _power_of_ten(exponent: int) -> str:
+    """SVG text content for ``10**exponent``: ``1``, ``10`` or ``10`` with a raised exponent."""
+    if exponent == 0:
+        return "1"
+    if exponent == 1:
+        return "10"
+    return f'10<tspan baseline-shift="super" font-size="8">{exponent}</tspan>'
+
+
+def _decade_ticks(lo: float, hi: float, most: int = 10) -> list[int]:
+    """Whole log10 values in ``[lo, hi]``, thinned to at most ``most`` (every 2nd, 3rd, ...)."""
+    ticks = list(range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1))
+    step = max(1, math.ceil(len(ticks) / most))
+    return [t for t in ticks if (t - ticks[-1]) % step == 0] if ticks else []
+
+
+def frequency_histogram(
+    log10_edges: Sequence[float],
+    counts: Sequence[int],
+    n_dead: int,
+    *,
+    title: str = "",
+    width: int = 640,
+    height: int = 280,
+) -> str:
+    """An SVG bar chart of how often the latents fire: one bar per log10-frequency bin
+    (``counts[i]`` latents fire on a share of tokens in ``10**edges[i]..10**edges[i+1]``), the
+    x axis labelled in powers of ten, and the dead latents (which never fire, log10 = -inf)
+    as a separate bar labelled "dead" left of the axis. Hooks: ``rect.bin[data-count]`` and
+    ``g.dead[data-count]``.
+
+    Raises ``ValueError`` unless there is one more edge than counts, rising, and the counts
+    and ``n_dead`` are non-negative.
+    """
+    edges, values = [float(e) for e in log10_edges], [int(c) for c in counts]
+    if len(edges) != len(values) + 1 or not values:
+        raise ValueError(f"need one more edge than counts, got {len(edges)} and {len(values)}")
+    if any(b <= a for a, b in itertools.pairwise(edges)) or not all(map(math.isfinite, edges)):
+        raise ValueError("histogram edges must be finite and rising")
+    if n_dead < 0 or min(values) < 0:
+        raise ValueError("histogram counts must be non-negative")
+    ys = nice_ticks(0.0, float(max([*values, n_dead, 1])))
+    left, right, top, bottom, dead_w, gap = 64, 16, 36 if title else 16, 52, 28, 28
+    x_left = left + dead_w + gap
+    pw, ph = width - x_left - right, height - top - bottom
+    y_top = ys[-1]
+
+    def sx(v: float) -> float:
+        return x_left + (v - edges[0]) / (edges[-1] - edges[0]) * pw
+
+    def bar_h(c: float) -> float:
+        return ph * c / y_top
+
+    base = top + ph
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
+        'font-size="11">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+    ]
+    if title:
+        out.append(
+            f'<text x="{width / 2:.1f}" y="20" text-anchor="middle" font-size="13">'
+            f"{escape(title)}</text>"
+        )
+    for t in ys:
+        y = base - bar_h(t)
+        out.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#e5e5e5"/>'
+        )
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    h = bar_h(n_dead)
+    out.append(
+        f'<g class="dead" data-count="{n_dead}"><rect x="{left + 2}" y="{base - h:.1f}" '
+        f'width="{dead_w - 4}" height="{h:.1f}" fill="#999"><title>dead (never fire): '
+        f"{n_dead} latents</title></rect>"
+        f'<text x="{left + dead_w / 2:.1f}" y="{base - h - 4:.1f}" text-anchor="middle">'
+        f"{n_dead}</text>"
+        f'<text x="{left + dead_w / 2:.1f}" y="{base + 15}" text-anchor="middle">dead</text></g>'
+    )
+    for i, c in enumerate(values):
+        x0, x1, h = sx(edges[i]), sx(edges[i + 1]), bar_h(c)
+        low = "≤ " if i == 0 else ""
+        out.append(
+            f'<rect class="bin" data-count="{c}" x="{x0 + 0.5:.1f}" y="{base - h:.1f}" '
+            f'width="{max(1.0, x1 - x0 - 1):.1f}" height="{h:.1f}" fill="{PALETTE[0]}">'
+            f"<title>{low}10^{edges[i]:.2f} to 10^{edges[i + 1]:.2f} of tokens: {c} latents"
+            "</title></rect>"
+        )
+    for t in _decade_ticks(edges[0], edges[-1]):
+        x = sx(t)
+        out.append(f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#444"/>')
+        out.append(
+            f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">{_power_of_ten(t)}</text>'
+        )
+    out.append(f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="#444"/>')
+    out.append(f'<line x1="{x_left}" y1="{top}" x2="{x_left}" y2="{base}" stroke="#444"/>')
+    out.append(
+        f'<text x="{x_left + pw / 2:.1f}" y="{height - 10}" text-anchor="middle">firing '
+        "frequency: share of tokens on which a latent fires (log10 bins)</text>"
+    )
+    cy = top + ph / 2
+    out.append(
+        f'<text x="16" y="{cy:.1f}" text-anchor="middle" transform="rotate(-90 16 {cy:.1f})">'
+        "latents</text>"
+    )
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -47,9 +47,11 @@ __all__ = [
     "NEUTRAL_PROMPTS",
     "FaithfulnessSummary",
     "auroc",
+    "best_method",
     "input_faithfulness",
     "mean_ci",
     "output_faithfulness",
+    "ranked_features",
     "word_token_ids",
 ]
 
@@ -913,6 +915,61 @@ def evaluate_explanations(
             for m in lists
         }  # fmt: skip
     return result
+
+
+# --- reading a result back: which method and which features did best ------------------------
+
+
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _side_key(side: str) -> str:
+    if side not in ("output", "input"):
+        raise ExplainError(f"side must be 'output' or 'input', got {side!r}.")
+    return f"{side}_faithfulness"
+
+
+def best_method(result: Mapping[str, Any], side: str = "output") -> str | None:
+    """The method of :func:`evaluate_explanations`' ``result`` (or its ``metrics.json``) with
+    the highest mean ``side``-side AUROC; ties go to the first in ``result["methods"]``.
+    ``None`` when no method has a finite mean on that side."""
+    block = result.get(_side_key(side))
+    if not isinstance(block, Mapping):
+        return None
+    order = [m for m in result.get("methods") or [] if m in block] or sorted(block)
+    scored = [
+        (mean, -i, m)
+        for i, m in enumerate(order)
+        if isinstance(block.get(m), Mapping)
+        and (mean := _finite_number(block[m].get("auroc_mean"))) is not None
+    ]
+    return max(scored)[2] if scored else None
+
+
+def ranked_features(
+    result: Mapping[str, Any], method: str, side: str = "output"
+) -> list[tuple[int, float]]:
+    """``(feature, AUROC)`` of every feature ``method`` was scored on, on ``side``, most
+    faithful first (ties: the lower feature id first). Features without a finite per-feature
+    AUROC (``per_feature`` missing, or written without features) are left out."""
+    per = _get_mapping(result, _side_key(side), method, "per_feature")
+    pairs = []
+    for key, value in per.items():
+        v = _finite_number(value)
+        if v is not None and str(key).lstrip("-").isdigit():
+            pairs.append((int(key), v))
+    return sorted(pairs, key=lambda p: (-p[1], p[0]))
+
+
+def _get_mapping(data: Any, *keys: str) -> Mapping[str, Any]:
+    """``data[k1][k2]...`` when every level is a mapping, else an empty mapping."""
+    for k in keys:
+        data = data.get(k) if isinstance(data, Mapping) else None
+    return data if isinstance(data, Mapping) else {}
 
 
 def _fmt_ci(d: Mapping[str, Any], key: str = "auroc") -> str:

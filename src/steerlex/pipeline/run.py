@@ -5,7 +5,9 @@ Each stage calls its job (:mod:`steerlex.jobs`) with one shared :class:`RunConte
 model is loaded once for the whole run. A stage records itself in ``stages/<stage>.json``
 when it finishes; a rerun skips finished stages whose outputs are still there and
 continues an interrupted one from what it left (activation shards, SAE checkpoints and
-cached generations are kept by the jobs themselves). A run directory belongs to one
+cached generations are kept by the jobs themselves). The run ends with a short summary
+(:func:`steerlex.report.headline.summary_lines`): the headline numbers and the two files to
+open, or what is still missing. A run directory belongs to one
 config: ``config.json`` holds it with every default written out, and a different config
 is refused rather than mixed. A failed stage raises :class:`StageError` (its name, the
 cause and the command that resumes the run); Ctrl-C raises :class:`RunInterrupted` with
@@ -27,6 +29,7 @@ from steerlex.core.paths import check_output_dir
 from steerlex.jobs.context import RunContext
 from steerlex.pipeline.config import RunConfig, config_dict, config_fingerprint, config_from_dict
 from steerlex.pipeline.stages import STAGES, Stage, StageConfigs, stage_configs
+from steerlex.report.headline import summary_lines
 
 __all__ = ["claim_run_dir", "resume_command", "resumed_config", "run_pipeline"]
 
@@ -221,7 +224,16 @@ def _run_claimed(cfg: RunConfig, d: Path, only: Sequence[str] | None, ctx: RunCo
                   f"yet: {', '.join(missing)} (`{resume_command(d)}` runs them)")  # fmt: skip
     else:
         _say(ctx, f"run {d} complete in {spent}: open {d / 'report.html'}")
+    _summary(ctx, d)
     return d
+
+
+def _summary(ctx: RunContext, d: Path) -> None:
+    """The run's headline numbers and the files to open (what exists; what is missing)."""
+    first, *rest = summary_lines(d)
+    _say(ctx, first)
+    for line in rest:
+        ctx.say(line)
 
 
 def _say(ctx: RunContext, msg: str) -> None:

@@ -5,9 +5,14 @@ id="data">``) and drawn by a small vanilla-JavaScript program in the same file: 
 network, no external scripts, fonts or styles. Open it straight from disk.
 
 What it reads from the run directory (each optional; a missing one is shown as "not run"):
-``features.json`` (:func:`steerlex.report.features.feature_stats`), ``explanations/<method>.jsonl``
-and ``selected_<concept>.json``. The built-in concepts come from
-:mod:`steerlex.steer.concepts`.
+``features.json`` (:func:`steerlex.report.features.feature_stats`), ``explanations/<method>.jsonl``,
+``explanations/metrics.json`` (per-feature faithfulness) and ``selected_<concept>.json``. The
+built-in concepts come from :mod:`steerlex.steer.concepts`.
+
+The start page (an empty query) leads with the most faithful features (ranked as in the
+report, :func:`steerlex.report.faithfulness.faithfulness_ranking`, the AUROC beside each:
+``#faithful .result[data-feature][data-faithfulness]``), then the selections with the evidence
+of their best features, then the concepts.
 
 Routes (linkable): ``#q=WORD`` searches, ``#feature=ID`` shows a feature. Queries: a word
 (matched, case-insensitively and without surrounding punctuation, against every method's words
@@ -16,7 +21,7 @@ and LogitLens tokens; a prefix match when nothing matches exactly), a number (th
 seed words) and ``selected:NAME`` (the features selected for that concept, best first).
 Stable hooks for tests: ``#search``, ``.result[data-feature]``, ``#feature-title``,
 ``.method-words[data-method] .word .w``, ``.context mark``, ``#histogram svg``,
-``#feature-selected``.
+``#feature-selected``, ``#faithful``, ``#feature-faithfulness``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import steerlex
 from steerlex.core.io import write_bytes_atomic
 from steerlex.explain.method import EXPLANATION_METHODS, method_names
+from steerlex.explain.metrics import ranked_features
 from steerlex.explain.run import read_explanations
 from steerlex.report.common import (
     NOT_RUN,
@@ -37,6 +43,7 @@ from steerlex.report.common import (
     page,
     read_json_optional,
 )
+from steerlex.report.faithfulness import SIDES, faithfulness_ranking
 from steerlex.report.features import STATS_FILE, read_feature_stats
 from steerlex.steer.concepts import PRESETS
 from steerlex.steer.select import FeatureSelection
@@ -118,6 +125,34 @@ def _stats_record(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Features the start page lists, most faithful first.
+N_FAITHFUL = 20
+
+
+def _faithfulness(
+    run_dir: Path, features: dict[int, dict[str, Any]]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The start page's ranking (``None`` and a note without per-feature metrics); every
+    scored feature gets ``faith: {method: {side: AUROC}}``."""
+    metrics = read_json_optional(run_dir / "explanations" / "metrics.json", "explanation metrics")
+    for side in SIDES:
+        block = (metrics or {}).get(f"{side}_faithfulness")
+        for method in block if isinstance(block, dict) else {}:
+            for fid, value in ranked_features(metrics or {}, method, side):
+                faith = features.setdefault(fid, {}).setdefault("faith", {})
+                faith.setdefault(method, {})[side] = _round(value)
+    ranking = faithfulness_ranking(metrics)
+    if ranking is None:
+        what = "is missing" if metrics is None else "has no per-feature AUROCs"
+        return None, f"{NOT_RUN}: explanations/metrics.json {what} (explain-metrics)"
+    return {
+        "method": ranking.method,
+        "side": ranking.side,
+        "label": ranking.label,
+        "ranked": [[f, _round(v)] for f, v in ranking.scores],
+    }, None
+
+
 def browser_data(run_dir: str | Path, *, n_words: int = 20) -> dict[str, Any]:
     """The JSON the browser page embeds (see the module docstring for what is read).
 
@@ -142,7 +177,10 @@ def browser_data(run_dir: str | Path, *, n_words: int = 20) -> dict[str, Any]:
             features.setdefault(f.id, {}).setdefault("selected", []).append(
                 {"concept": name, "rank": rank, "score": _round(f.score), "reason": f.reason}
             )
+    selected = dict(sorted(selected.items(), key=lambda kv: (kv[0] != "safety", kv[0])))
+    faithfulness, faith_note = _faithfulness(root, features)
     notes = {
+        "faithfulness": faith_note,
         "stats": None
         if stats is not None
         else f"{NOT_RUN}: {STATS_FILE} is missing (feature statistics not computed)",
@@ -163,6 +201,8 @@ def browser_data(run_dir: str | Path, *, n_words: int = 20) -> dict[str, Any]:
         "features": {str(k): features[k] for k in sorted(features)},
         "concepts": _concepts(selections),
         "selected": selected,
+        "faithfulness": faithfulness,
+        "n_faithful": N_FAITHFUL,
         "notes": notes,
     }
 
@@ -224,7 +264,7 @@ BODY = """<header class="bar"><h1>steerlex · {{TITLE}}</h1>
  <h2 id="feature-title"></h2>
  <div id="feature-selected"></div>
  <div class="grid2">
-  <div><h3>Explanations</h3><div id="explanations"></div>
+  <div><h3>Explanations</h3><div id="feature-faithfulness"></div><div id="explanations"></div>
    <h3>Top-activating contexts</h3><div id="contexts"></div></div>
   <div><h3>Activation</h3><div id="feature-stats"></div><div id="histogram"></div></div>
  </div>
@@ -275,6 +315,9 @@ for (const id of IDS) {
 function fmtPct(x) {
   if (x === null || x === undefined) return "–";
   return (100 * x).toPrecision(3) + "%";
+}
+function fmtAuc(x) {
+  return x === null || x === undefined ? "–" : Number(x).toFixed(3);
 }
 function fmtNum(x) {
   if (x === null || x === undefined) return "–";
@@ -344,9 +387,9 @@ function search(q) {
             (how === "exactly" ? "" : " · " + [...h.words].join(", "))}))};
 }
 
-function preview(id) {
+function preview(id, prefer) {
   const words = FEATURES[id].words || {};
-  const method = DATA.methods.find((m) => words[m]) || null;
+  const method = (prefer && words[prefer]) ? prefer : (DATA.methods.find((m) => words[m]) || null);
   if (!method) return "";
   return method + ": " + words[method].slice(0, 8).map((p) => p[0].trim()).join(", ");
 }
@@ -362,25 +405,59 @@ function showResults(q) {
   const box = $("results");
   box.replaceChildren();
   if (res.items === null) {
-    for (const [name, ids] of Object.entries(DATA.selected)) {
-      box.append(el("p", {}, el("a", {href: "#q=" + encodeURIComponent("selected:" + name)},
-        "selected:" + name), " (" + ids.length + " features)"));
-    }
-    for (const name of Object.keys(DATA.concepts)) {
-      box.append(el("p", {}, el("a", {href: "#q=" + encodeURIComponent("concept:" + name)},
-        "concept:" + name), " " + DATA.concepts[name].description));
-    }
-    for (const note of Object.values(DATA.notes)) if (note) box.append(el("p", {class: "not-run"}, note));
+    startPage(box);
     return;
   }
   for (const item of res.items.slice(0, 300)) {
     if (!FEATURES[item.id]) continue;
-    box.append(el("a", {class: "result", href: "#feature=" + item.id, "data-feature": item.id},
-      el("span", {class: "rid"}, "Feature " + item.id),
-      el("span", {class: "why"}, item.why || ""), el("br"),
-      el("span", {class: "words"}, preview(item.id))));
+    box.append(resultLink(item.id, item.why));
   }
   if (res.items.length > 300) box.append(el("p", {class: "note"}, "… " + (res.items.length - 300) + " more"));
+}
+
+function resultLink(id, why, attrs, method) {
+  return el("a", Object.assign({class: "result", href: "#feature=" + id, "data-feature": id}, attrs || {}),
+    el("span", {class: "rid"}, "Feature " + id),
+    el("span", {class: "why"}, why || ""), el("br"),
+    el("span", {class: "words"}, preview(id, method)));
+}
+
+function startPage(box) {
+  const faith = DATA.faithfulness;
+  const lead = el("div", {id: "faithful"});
+  if (faith) {
+    const shown = faith.ranked.filter(([id]) => FEATURES[id]).slice(0, DATA.n_faithful);
+    lead.append(el("h2", {}, "Most faithful explanations"),
+      el("p", {class: "note"}, "The " + shown.length + " of " + faith.ranked.length +
+        " scored features whose " + faith.method + " explanations are the most faithful (" +
+        faith.label + ", 0.5 = no better than random words), best first."));
+    for (const [id, auroc] of shown) {
+      lead.append(resultLink(id, faith.label + " " + Number(auroc).toFixed(3),
+        {"data-faithfulness": auroc}, faith.method));
+    }
+  } else {
+    lead.append(el("p", {class: "not-run"}, DATA.notes.faithfulness));
+  }
+  box.append(lead);
+  for (const [name, ids] of Object.entries(DATA.selected)) {
+    box.append(el("h2", {}, "Selected for steering: " + name),
+      el("p", {}, el("a", {href: "#q=" + encodeURIComponent("selected:" + name)},
+        "selected:" + name), " (" + ids.length + (ids.length === 1 ? " feature" : " features") +
+        "; the best, with the evidence they were chosen for)"));
+    for (const id of ids.slice(0, 5)) {
+      if (!FEATURES[id]) continue;
+      const s = (FEATURES[id].selected || []).find((x) => x.concept === name) || {};
+      box.append(resultLink(id, "#" + s.rank + ": " + (s.reason || "")));
+    }
+  }
+  box.append(el("h2", {}, "Concepts"));
+  for (const name of Object.keys(DATA.concepts)) {
+    box.append(el("p", {}, el("a", {href: "#q=" + encodeURIComponent("concept:" + name)},
+      "concept:" + name), " " + DATA.concepts[name].description));
+  }
+  for (const [key, note] of Object.entries(DATA.notes)) {
+    if (note && key !== "faithfulness") box.append(el("p", {class: "not-run"}, note));
+  }
 }
 
 function wordList(method, list) {
@@ -466,7 +543,7 @@ function showFeature(id) {
   $("feature-view").hidden = false;
   if (!f) {
     $("feature-title").textContent = "No feature " + id + " in this run";
-    for (const k of ["feature-selected", "explanations", "contexts", "feature-stats", "histogram"]) $(k).replaceChildren();
+    for (const k of ["feature-selected", "feature-faithfulness", "explanations", "contexts", "feature-stats", "histogram"]) $(k).replaceChildren();
     return;
   }
   $("feature-title").textContent = "Feature " + id;
@@ -482,6 +559,13 @@ function showFeature(id) {
   if (!(f.selected || []).length) {
     sel.append(el("p", {class: "note"}, DATA.notes.selected || "Not selected for steering."));
   }
+  const fa = $("feature-faithfulness");
+  fa.replaceChildren();
+  const faith = f.faith || {};
+  const scored = DATA.methods.filter((m) => faith[m]);
+  fa.append(el("p", {class: "note"}, scored.length ? "Faithfulness (AUROC against random words, " +
+    "0.5 = chance), output / input: " + scored.map((m) => m + " " + fmtAuc(faith[m].output) +
+    " / " + fmtAuc(faith[m].input)).join("; ") : "Faithfulness: not sampled by explain-metrics."));
   const ex = $("explanations");
   ex.replaceChildren();
   const words = f.words || {};

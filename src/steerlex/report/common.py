@@ -130,6 +130,8 @@ mark { background: rgba(255, 140, 0, 0.5); color: inherit; border-radius: 2px; }
 .prompt { white-space: pre-wrap; max-height: 220px; overflow: auto; background: var(--bg2);
           padding: 8px; font-size: 0.85em; border-radius: 4px; }
 img.plot, svg.plot { max-width: 100%; height: auto; }
+.panel { border: 1px solid #b9d3ec; background: #f2f7fc; padding: 4px 14px; border-radius: 6px;
+         margin: 10px 0 14px; }
 """
 
 

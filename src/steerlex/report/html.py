@@ -6,11 +6,14 @@ external resource of any kind: open it from disk. Every text that comes from a u
 or a model is escaped.
 
 Sections, each "not run" when its input is missing (a malformed input is an error naming the
-file): run summary and provenance (``config.json``, ``run.json``, the SAE's ``cfg.json``, the
-stores' ``index.json``); SAE quality (``sae/eval/eval.json``); explanations of the same features
-by every method side by side (``explanations/*.jsonl``); explanation metrics
-(``explanations/metrics.json``); the selected features (``selected_*.json``); the defence tables
-and trade-off plots (``eval/``); example conversations (``examples.json``).
+file): the headline numbers ("at a glance", :mod:`steerlex.report.headline`); run summary and
+provenance (``config.json``, ``run.json``, the SAE's ``cfg.json``, the stores' ``index.json``);
+SAE quality (``sae/eval/eval.json``, the firing-frequency histogram on log10 bins with the dead
+latents apart); explanations of the same features by every method side by side
+(``explanations/*.jsonl``), most faithful first, after a panel on how good they are
+(:mod:`steerlex.report.faithfulness`); explanation metrics (``explanations/metrics.json``); the
+selected features with their evidence (``selected_*.json``); the defence tables and trade-off
+plots (``eval/``); example conversations (``examples.json``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from steerlex.core.io import write_bytes_atomic
 from steerlex.evaluate.run import results_table
 from steerlex.explain.method import method_names
 from steerlex.explain.run import read_explanations
-from steerlex.plots import PALETTE
+from steerlex.plots import PALETTE, frequency_histogram
 from steerlex.report.browser import BROWSER_FILE
 from steerlex.report.common import FIX, NOT_RUN, esc, page, read_json_optional
 from steerlex.report.examples import EXAMPLES_FILE, read_examples
+from steerlex.report.faithfulness import Ranking, faithfulness_ranking, quality_panel
+from steerlex.report.headline import run_headlines
 from steerlex.steer.select import FeatureSelection
 
 __all__ = ["REPORT_FILE", "build_report", "markdown_table_html"]
@@ -66,10 +71,21 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, cls: str = "") -> str:
+def _row_attrs(attrs: Mapping[str, object] | None) -> str:
+    return "".join(f' {esc(k)}="{esc(v)}"' for k, v in (attrs or {}).items())
+
+
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    cls: str = "",
+    row_attrs: Sequence[Mapping[str, object]] | None = None,
+) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    attrs = list(row_attrs or []) + [{}] * (len(rows) - len(row_attrs or []))
     body = "".join(
-        "<tr>"
+        f"<tr{_row_attrs(a)}>"
         + "".join(
             f'<td class="num">{_cell(v)}</td>'
             if isinstance(v, (int, float))
@@ -77,7 +93,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, cls: str
             for v in row
         )
         + "</tr>"
-        for row in rows
+        for row, a in zip(rows, attrs, strict=False)
     )
     attr = f' class="{esc(cls)}"' if cls else ""
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -178,45 +194,6 @@ def stacked_bars_svg(rows: Sequence[tuple[str, Mapping[str, float]]], keys: Sequ
     return "".join(out)
 
 
-def bar_chart_svg(
-    labels: Sequence[str], values: Sequence[float], *, title: str = "", xlabel: str = ""
-) -> str:
-    """Vertical bars with the first and last label under the axis (for histograms)."""
-    width, height, left, bottom, top = 620, 240, 56, 40, 28 if title else 10
-    plot_w, plot_h = width - left - 16, height - top - bottom
-    high = max([v for v in values if math.isfinite(v)] + [0.0]) or 1.0
-    out = [_svg_open(width, height)]
-    if title:
-        out.append(
-            f'<text x="{left + plot_w / 2}" y="18" text-anchor="middle" font-size="13">{esc(title)}</text>'
-        )
-    n = max(1, len(values))
-    bw = plot_w / n
-    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
-        h = plot_h * max(0.0, v) / high
-        out.append(
-            f'<rect x="{left + i * bw + 0.5:.1f}" y="{top + plot_h - h:.1f}" '
-            f'width="{max(1.0, bw - 1):.1f}" height="{h:.1f}" fill="{PALETTE[0]}">'
-            f"<title>{esc(label)}: {v:g}</title></rect>"
-        )
-    y0 = top + plot_h
-    out.append(f'<line x1="{left}" y1="{y0}" x2="{left + plot_w}" y2="{y0}" stroke="#444"/>')
-    out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="#444"/>')
-    out.append(f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{high:g}</text>')
-    out.append(f'<text x="{left - 4}" y="{y0}" text-anchor="end">0</text>')
-    if labels:
-        out.append(f'<text x="{left}" y="{y0 + 14}" text-anchor="start">{esc(labels[0])}</text>')
-        out.append(
-            f'<text x="{left + plot_w}" y="{y0 + 14}" text-anchor="end">{esc(labels[-1])}</text>'
-        )
-    if xlabel:
-        out.append(
-            f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{esc(xlabel)}</text>'
-        )
-    out.append("</svg>")
-    return "".join(out)
-
-
 def _svg_image(path: Path, alt: str) -> str:
     """An SVG file as a ``data:`` image: rendered like an image, so nothing in it can run or
     load anything."""
@@ -231,6 +208,18 @@ def _svg_image(path: Path, alt: str) -> str:
 
 
 # --------------------------------------------------------------------------- sections
+
+
+def _glance(root: Path) -> str:
+    """The run's headline numbers (:func:`steerlex.report.headline.run_headlines`)."""
+    items = "".join(
+        f"<li><strong>{esc(h.label)}</strong>: "
+        + (esc(h.text) if h.text is not None else f'<span class="not-run">{esc(NOT_RUN)}: '
+           f"{esc(h.missing)}</span>")
+        + "</li>"
+        for h in run_headlines(root)
+    )  # fmt: skip
+    return _section("glance", "At a glance", f'<div class="panel"><ul>{items}</ul></div>')
 
 
 def _summary(root: Path) -> str:
@@ -373,27 +362,34 @@ def _sae_quality(root: Path) -> str:
         parts.append(
             f'<p class="note">{esc(data.get("spliced_note") or "spliced LM loss not computed")}</p>'
         )
-    hist = act.get("firing_histogram")
-    if (
-        isinstance(hist, Mapping)
-        and isinstance(hist.get("counts"), list)
-        and isinstance(hist.get("log10_edges"), list)
-    ):
-        edges = [float(e) for e in hist["log10_edges"]]
-        labels = [f"{edges[i]:.2f}..{edges[i + 1]:.2f}" for i in range(len(edges) - 1)]
-        counts = [float(c) for c in hist["counts"]]
-        if len(labels) == len(counts):
-            parts.append(
-                bar_chart_svg(
-                    labels,
-                    counts,
-                    title=f"Firing frequency of the latents (dead: {hist.get('n_dead')})",
-                    xlabel="log10 fraction of tokens on which a latent fires",
-                )
-            )
+    parts.append(_firing_histogram(act.get("firing_histogram"), path))
     for w in data.get("warnings") or []:
         parts.append(f'<p class="note">warning: {esc(w)}</p>')
     return _section("sae", "SAE quality", "\n".join(parts))
+
+
+def _dead_phrase(n_dead: int) -> str:
+    return (
+        f"{n_dead} dead latent never fires" if n_dead == 1 else f"{n_dead} dead latents never fire"
+    )
+
+
+def _firing_histogram(hist: Any, path: Path) -> str:
+    """The latents' firing-frequency histogram (log10 bins, dead latents apart), or a note."""
+    if not isinstance(hist, Mapping):
+        return '<p class="note">no firing-frequency histogram in the SAE evaluation.</p>'
+    try:
+        n_dead = int(hist.get("n_dead") or 0)
+        return frequency_histogram(
+            hist["log10_edges"],
+            hist["counts"],
+            n_dead,
+            title=f"How often the latents fire ({_dead_phrase(n_dead)})",
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReportError(
+            f"The SAE evaluation {path} has a malformed firing_histogram ({exc}); {FIX}"
+        ) from None
 
 
 def _read_all_explanations(root: Path) -> dict[str, dict[int, tuple[str, ...]]]:
@@ -405,9 +401,11 @@ def _read_all_explanations(root: Path) -> dict[str, dict[int, tuple[str, ...]]]:
     return out
 
 
-def _side_by_side_features(
+def _spread_features(
     explanations: Mapping[str, Mapping[int, Sequence[str]]], metrics: Mapping[str, Any] | None
 ) -> list[int]:
+    """Without per-feature faithfulness: the sampled features (else features spread over the
+    ids every method explains), in id order."""
     common = sorted(set.intersection(*(set(v) for v in explanations.values())))
     sampled = [int(f) for f in (_get(metrics, "features") or []) if isinstance(f, int)]
     chosen = [f for f in sampled if f in set(common)][:N_SIDE_BY_SIDE]
@@ -415,6 +413,52 @@ def _side_by_side_features(
         step = max(1, len(common) // N_SIDE_BY_SIDE)
         chosen += [f for f in common[::step] if f not in chosen][: N_SIDE_BY_SIDE - len(chosen)]
     return sorted(chosen)
+
+
+def _words_table(
+    features: Sequence[int],
+    methods: Sequence[str],
+    explanations: Mapping[str, Mapping[int, Sequence[str]]],
+    ranking: Ranking | None,
+    first_rank: int = 1,
+) -> str:
+    """The side-by-side table; with a ranking, a rank and the feature's AUROC lead each row
+    (``tr[data-feature][data-faithfulness]``)."""
+    words: list[list[object]] = [
+        [_words(explanations[m].get(f, ())) for m in methods] for f in features
+    ]
+    if ranking is None:
+        rows = [[_feature_link(f), *w] for f, w in zip(features, words, strict=True)]
+        return _table(["feature", *methods], rows, cls="words")
+    score = ranking.by_feature()
+    rows = [
+        [first_rank + i, _feature_link(f), Html(f'<span class="faith">{score[f]:.3f}</span>'), *w]
+        for i, (f, w) in enumerate(zip(features, words, strict=True))
+    ]
+    attrs = [{"data-feature": f, "data-faithfulness": f"{score[f]:.6g}"} for f in features]
+    return _table(
+        ["#", "feature", ranking.label, *methods], rows, cls="words faithful", row_attrs=attrs
+    )
+
+
+def _ranked_tables(
+    explanations: Mapping[str, Mapping[int, Sequence[str]]],
+    methods: Sequence[str],
+    ranking: Ranking,
+) -> str:
+    """The first :data:`N_SIDE_BY_SIDE` ranked features, then the rest in a collapsed table."""
+    explained = set.intersection(*(set(explanations[m]) for m in methods))
+    features = [f for f, _ in ranking.scores if f in explained]
+    head, rest = features[:N_SIDE_BY_SIDE], features[N_SIDE_BY_SIDE:]
+    out = _words_table(head, methods, explanations, ranking)
+    if rest:
+        out += (
+            f"<details><summary>The other {len(rest)} scored features, most faithful first"
+            "</summary>"
+            + _words_table(rest, methods, explanations, ranking, first_rank=len(head) + 1)
+            + "</details>"
+        )
+    return out
 
 
 def _explanations(
@@ -428,22 +472,31 @@ def _explanations(
             "Explanations side by side",
             _not_run("no explanations/<method>.jsonl (explain)"),
         )
-    features = _side_by_side_features(explanations, metrics)
     methods = [m for m in method_names() if m in explanations]
-    rows = [
-        [_feature_link(f), *(_words(explanations[m].get(f, ())) for m in methods)] for f in features
-    ]
     missing = [m for m in method_names() if m not in explanations]
+    ranking = faithfulness_ranking(metrics)
+    not_run = f"; methods not run: {esc(', '.join(missing))}" if missing else ""
+    if ranking is not None:
+        order = (
+            f"Most faithful features first: ranked by the per-feature {esc(ranking.side)}-side "
+            f"AUROC of {esc(ranking.method)} (the method with the best mean; "
+            "explanations/metrics.json), 0.5 = no better than random words."
+        )
+        table = _ranked_tables(explanations, methods, ranking)
+    else:
+        order = (
+            "No per-feature faithfulness in explanations/metrics.json (explain-metrics not "
+            "run), so the features are in id order."
+        )
+        table = _words_table(_spread_features(explanations, metrics), methods, explanations, None)
     note = (
-        f'<p class="note">{N_WORDS} top words per method; methods not run: {esc(", ".join(missing))}. '
-        "Feature ids open the feature browser.</p>"
-        if missing
-        else f'<p class="note">{N_WORDS} top words per method. Feature ids open the feature browser.</p>'
+        f'<p class="note">{order} {N_WORDS} top words per method{not_run}. Feature ids open '
+        "the feature browser.</p>"
     )
     return _section(
         "explanations",
         "Explanations side by side",
-        note + _table(["feature", *methods], rows, cls="words"),
+        quality_panel(metrics, methods) + note + table,
     )
 
 
@@ -545,13 +598,42 @@ def _metrics(metrics: Mapping[str, Any] | None, path: Path) -> str:
     return _section("metrics", "Explanation metrics", "\n".join(parts))
 
 
-def _selected(root: Path) -> str:
-    paths = sorted(root.glob("selected_*.json"))
+def _evidence(details: Mapping[str, Any]) -> str:
+    """What a selection method recorded as its grounds: the concept-matching words with their
+    similarity (semantic), both group means (data), the judge's label (llm)."""
+    evidence = details.get("evidence")
+    if isinstance(evidence, list):
+        pairs = [
+            e for e in evidence if isinstance(e, list) and len(e) == 2 and _num(e[1]) is not None
+        ]
+        if pairs:
+            return "matching words: " + ", ".join(f"{e[0]} ({float(e[1]):.2f})" for e in pairs)
+    harmful, benign = _num(details.get("mean_harmful")), _num(details.get("mean_benign"))
+    if harmful is not None and benign is not None:
+        return f"mean activation {harmful:.3g} on harmful vs {benign:.3g} on benign prompts"
+    if details.get("category") is not None:
+        return f"judge label: {details['category']}"
+    return "–"
+
+
+def _selection_order(paths: Sequence[Path]) -> list[Path]:
+    """The selection files, safety first (the features the defences steer), then by name."""
+    return sorted(paths, key=lambda p: (p.stem != "selected_safety", p.name))
+
+
+def _selected(root: Path, metrics: Mapping[str, Any] | None) -> str:
+    paths = _selection_order(list(root.glob("selected_*.json")))
     if not paths:
         return _section(
             "selected", "Selected features", _not_run("no selected_<concept>.json (select)")
         )
-    parts = []
+    ranking = faithfulness_ranking(metrics)
+    score = ranking.by_feature() if ranking is not None else {}
+    faith_head = ranking.label if ranking is not None else "faithfulness"
+    parts = [
+        '<p class="note">Each feature with the evidence it was chosen for; its measured '
+        'faithfulness where explain-metrics sampled it ("not sampled" otherwise).</p>'
+    ]
     for path in paths:
         sel = FeatureSelection.load(path)
         c = sel.concept
@@ -560,20 +642,21 @@ def _selected(root: Path) -> str:
             f'<p class="note">{esc(c.description)}. Method: {esc(sel.method)}, '
             f"{esc(sel.side)} side; seed words: {esc(', '.join(c.words))}.</p>"
         )
-        rows = []
-        for rank, f in enumerate(sel.features, start=1):
-            evidence = f.details.get("evidence")
-            ev = (
-                ", ".join(
-                    f"{e[0]} ({float(e[1]):.2f})"
-                    for e in evidence
-                    if isinstance(e, list) and len(e) == 2
-                )
-                if isinstance(evidence, list)
-                else ""
-            )
-            rows.append([rank, _feature_link(f.id), f.score, f.reason, _words(f.words, 10), ev])
-        parts.append(_table(["#", "feature", "score", "reason", "words", "evidence"], rows))
+        rows = [
+            [
+                rank,
+                _feature_link(f.id),
+                f.score,
+                f.reason,
+                _evidence(f.details),
+                score.get(f.id, "not sampled"),
+                _words(f.words, 10),
+            ]
+            for rank, f in enumerate(sel.features, start=1)
+        ]
+        parts.append(
+            _table(["#", "feature", "score", "reason", "evidence", faith_head, "words"], rows)
+        )
     return _section("selected", "Selected features", "\n".join(parts))
 
 
@@ -719,11 +802,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     metrics = read_json_optional(metrics_path, "explanation metrics")
     explanations = _read_all_explanations(root)
     sections: list[Callable[[], str]] = [
+        lambda: _glance(root),
         lambda: _summary(root),
         lambda: _sae_quality(root),
         lambda: _explanations(root, explanations, metrics),
         lambda: _metrics(metrics, metrics_path),
-        lambda: _selected(root),
+        lambda: _selected(root, metrics),
         lambda: _defences(root),
         lambda: _examples(root),
     ]
@@ -735,6 +819,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     toc = " · ".join(
         f'<a href="#{sid}">{esc(t)}</a>'
         for sid, t in (
+            ("glance", "at a glance"),
             ("summary", "summary"),
             ("sae", "SAE quality"),
             ("explanations", "explanations"),
