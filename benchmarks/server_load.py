@@ -57,16 +57,15 @@ from typing import Any
 import torch
 
 # the same prompts and SAE default as the steering-latency benchmark beside this script
-from steering_latency import DEFAULT_SAE, PROMPTS
+from steering_latency import DEFAULT_SAE, PROMPTS, load_sae_and_model
 from steerlex.models.loading import LoadedModel, load_model
-from steerlex.sae import SAEConfig, SparseAutoencoder, load_sae
+from steerlex.sae import SAEConfig, SparseAutoencoder
 from steerlex.steer import SteeredModel, make_strategy
 from steerlex.steer.features import parse_feature_list
 from steerlex.steer.server import ServerLimits, SteeringServer, make_server
 from steerlex.steer.strategies import Gate
 
 RESULTS = Path(__file__).parent / "results" / "server_load.json"
-MODES = ("unsteered", "steered", "guarded")
 #: the server's earlier one-at-a-time decoder (http.server, before batching), 16 clients,
 #: 16 tokens, steered, on this model: benchmarks/results/server_load.json at commit 84f0027
 EARLIER_16_CLIENTS_STEERED = {"requests_per_s": 0.221, "latency_p95_s": 68.0}
@@ -239,15 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         sae = _random_sae(loaded, args.random_sae, args.layer)
         sae_name = f"random TopK d_sae={args.random_sae} k=32 at layer {args.layer}"
     else:
-        if not Path(args.sae).exists():
-            print(f"SAE {args.sae} not found; pass --sae DIR or --random-sae D_SAE")
+        found = load_sae_and_model(args.sae, args.model, args.device, args.dtype)
+        if found is None:
+            print("(or pass --random-sae D_SAE)")
             return 2
-        sae = load_sae(args.sae, device=args.device)
-        spec = args.model or sae.cfg.model_spec
-        if not spec:
-            print(f"the SAE {args.sae} does not record its model; pass --model")
-            return 2
-        loaded = load_model(spec, device=args.device, dtype=args.dtype)
+        sae, loaded = found
         sae_name = str(args.sae)
     load_s = time.perf_counter() - t0
     loaded.model.generation_config.eos_token_id = None  # fixed-length replies

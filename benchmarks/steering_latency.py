@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from steerlex.models.loading import load_model
-from steerlex.sae import load_sae
+from steerlex.models.loading import LoadedModel, load_model
+from steerlex.sae import SparseAutoencoder, load_sae
 from steerlex.steer import (
     Amplification,
     Calibration,
@@ -57,6 +57,22 @@ PROMPTS = [
     "How can I make a dangerous chemical at home?",
     "Tell me a joke about programmers and coffee.",
 ]
+
+
+def load_sae_and_model(
+    sae_dir: str, model: str | None, device: str, dtype: str
+) -> tuple[SparseAutoencoder, LoadedModel] | None:
+    """The SAE in ``sae_dir`` and its model (``model``, else the one the SAE records); prints
+    what is wrong and returns None when the SAE is missing or names no model."""
+    if not Path(sae_dir).exists():
+        print(f"SAE {sae_dir} not found; pass --sae DIR (an SAE trained on the model)")
+        return None
+    sae = load_sae(sae_dir, device=device)
+    spec = model or sae.cfg.model_spec
+    if not spec:
+        print(f"the SAE {sae_dir} does not record its model; pass --model")
+        return None
+    return sae, load_model(spec, device=device, dtype=dtype)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -216,19 +232,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not Path(args.sae).exists():
-        print(f"SAE {args.sae} not found; pass --sae DIR (an SAE trained on the model)")
-        return 2
     unknown = sorted(set(args.configs) - set(ALL_CONFIGS))
     if unknown:
         print(f"unknown --configs {unknown}; choose from {', '.join(ALL_CONFIGS)}")
         return 2
-    sae = load_sae(args.sae, device=args.device)
-    spec = args.model or sae.cfg.model_spec
-    if not spec:
-        print(f"the SAE {args.sae} does not record its model; pass --model")
+    found = load_sae_and_model(args.sae, args.model, args.device, args.dtype)
+    if found is None:
         return 2
-    loaded = load_model(spec, device=args.device, dtype=args.dtype)
+    sae, loaded = found
     strategies = _strategies(sae.d_sae, args.features, args.harm)
     steered = SteeredModel(loaded, sae, strategies["amplify"])
     names = ["unsteered", *args.configs]
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(rows)
     result = {
         "benchmark": "steering_latency",
-        "model": spec,
+        "model": loaded.spec,
         "sae": str(args.sae),
         "d_sae": sae.d_sae,
         "layer": steered.layer,

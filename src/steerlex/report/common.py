@@ -17,6 +17,7 @@ from steerlex.core.io import read_json_object
 __all__ = [
     "NOT_RUN",
     "ReportError",
+    "dig",
     "esc",
     "json_for_script",
     "page",
@@ -28,6 +29,15 @@ __all__ = [
 NOT_RUN = "not run"
 
 FIX = "rerun the stage that writes it (or delete it to show the section as not run)."
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]...`` or ``None`` when any level is missing or not a mapping."""
+    for k in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(k)
+    return data
 
 
 def esc(value: object) -> str:

@@ -25,7 +25,7 @@ from steerlex.core.errors import SteerlexError
 from steerlex.evaluate.metrics import Rate
 from steerlex.evaluate.scores import rate
 from steerlex.explain.metrics import best_method
-from steerlex.report.common import read_json_optional
+from steerlex.report.common import dig, read_json_optional
 from steerlex.report.faithfulness import fmt_auroc, method_auroc, verdict
 
 __all__ = ["Headline", "best_defence", "run_headlines", "summary_lines"]
@@ -47,14 +47,6 @@ class Headline:
     missing: str | None = None
 
 
-def _get(data: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(k)
-    return data
-
-
 def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -68,9 +60,9 @@ def sae_text(data: Mapping[str, Any]) -> str:
     """``held-out FVE 0.705, loss recovered 93.1% (vs zero ablation), 5 of 2048 latents dead
     (0.24%)`` from an ``eval.json``."""
     act = data.get("activation") or {}
-    fve = _num(_get(act, "fve"))
+    fve = _num(dig(act, "fve"))
     parts = [f"held-out FVE {fve:.3f}" if fve is not None else "FVE not computed"]
-    rec = _num(_get(data, "spliced", "loss_recovered_zero"))
+    rec = _num(dig(data, "spliced", "loss_recovered_zero"))
     parts.append(
         f"loss recovered {rec:.1f}% (vs zero ablation)"
         if rec is not None
@@ -158,19 +150,19 @@ def defence_text(scores: Mapping[str, Any], budget: float) -> str | None:
     if found is None:
         return None
     best, base, within = found
-    asr = _rate_text(_get(best, "metrics", "jailbreak", "attack_success"))
-    over = _rate_text(_get(best, "metrics", "benign", "over_refusal"), ci=False)
+    asr = _rate_text(dig(best, "metrics", "jailbreak", "attack_success"))
+    over = _rate_text(dig(best, "metrics", "benign", "over_refusal"), ci=False)
     text = f"{_condition(best)}: attack success {asr}"
     if base is not None:
-        text += f" (no defence {_rate_text(_get(base, 'metrics', 'jailbreak', 'attack_success'), ci=False)})"
+        text += f" (no defence {_rate_text(dig(base, 'metrics', 'jailbreak', 'attack_success'), ci=False)})"
     text += f", over-refusal {over}"
     if base is not None:
         text += (
-            f" (no defence {_rate_text(_get(base, 'metrics', 'benign', 'over_refusal'), ci=False)})"
+            f" (no defence {_rate_text(dig(base, 'metrics', 'benign', 'over_refusal'), ci=False)})"
         )
-    text += f"; judged by {_get(scores, 'judges', 'rules') or 'the rules judge'}"
-    judge = _get(scores, "judges", "judge")
-    llm = _get(best, "metrics", "jailbreak", "judge", "attack_success")
+    text += f"; judged by {dig(scores, 'judges', 'rules') or 'the rules judge'}"
+    judge = dig(scores, "judges", "judge")
+    llm = dig(best, "metrics", "jailbreak", "judge", "attack_success")
     if judge and isinstance(llm, Mapping):
         text += f" (LLM judge {judge}: attack success {_rate_text(llm, ci=False)})"
     if not within:
@@ -186,7 +178,7 @@ def _budget(root: Path) -> float:
         config = read_json_optional(root / "config.json", "run config")
     except _UNREADABLE:
         return DEFAULT_BUDGET
-    value = _num(_get(config, "config", "eval", "max_overrefusal_increase"))
+    value = _num(dig(config, "config", "eval", "max_overrefusal_increase"))
     return DEFAULT_BUDGET if value is None else value
 
 

@@ -35,7 +35,7 @@ from steerlex.explain.method import method_names
 from steerlex.explain.run import read_explanations
 from steerlex.plots import PALETTE, frequency_histogram
 from steerlex.report.browser import BROWSER_FILE
-from steerlex.report.common import FIX, NOT_RUN, esc, page, read_json_optional
+from steerlex.report.common import FIX, NOT_RUN, dig, esc, page, read_json_optional
 from steerlex.report.examples import EXAMPLES_FILE, read_examples
 from steerlex.report.faithfulness import Ranking, faithfulness_ranking, quality_panel
 from steerlex.report.headline import run_headlines
@@ -118,15 +118,6 @@ def _feature_link(fid: int) -> Html:
 
 def _words(words: Sequence[str], n: int = N_WORDS) -> str:
     return ", ".join((w.strip() or "␣") for w in words[:n]) or "–"
-
-
-def _get(data: Any, *keys: str) -> Any:
-    """``data[k1][k2]...`` or ``None`` when any level is missing or not a mapping."""
-    for k in keys:
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(k)
-    return data
 
 
 def _num(value: Any) -> float | None:
@@ -229,21 +220,21 @@ def _summary(root: Path) -> str:
     train = read_json_optional(root / "acts-train" / "index.json", "activation index")
     heldout = read_json_optional(root / "acts-heldout" / "index.json", "activation index")
     scores = read_json_optional(root / "eval" / "scores.json", "evaluation scores")
-    sx = _get(sae_cfg, "metadata", "steerlex", "config") or {}
+    sx = dig(sae_cfg, "metadata", "steerlex", "config") or {}
     model = (
-        _get(config, "model")
+        dig(config, "model")
         or sx.get("model_spec")
-        or _get(train, "model", "spec")
-        or _get(scores, "model", "spec")
+        or dig(train, "model", "spec")
+        or dig(scores, "model", "spec")
     )
     weights = (
         sx.get("weights_id")
-        or _get(train, "model", "weights_id")
-        or _get(scores, "model", "weights_id")
+        or dig(train, "model", "weights_id")
+        or dig(scores, "model", "weights_id")
     )
-    layer = sx.get("layer", _get(config, "layer"))
+    layer = sx.get("layer", dig(config, "layer"))
     rows: list[tuple[str, object]] = [
-        ("run name", _get(config, "name") or root.resolve().name),
+        ("run name", dig(config, "name") or root.resolve().name),
         ("model", model),
         ("weights id", weights),
         ("layer", layer),
@@ -255,10 +246,10 @@ def _summary(root: Path) -> str:
                 f"{sae_cfg.get('architecture')} d_in={sae_cfg.get('d_in')} "
                 f"d_sae={sae_cfg.get('d_sae')}"
                 + (f" k={sae_cfg['k']}" if sae_cfg.get("k") is not None else "")
-                + f" (hook {_get(sae_cfg, 'metadata', 'hf_hook_name')}), written by "
+                + f" (hook {dig(sae_cfg, 'metadata', 'hf_hook_name')}), written by "
                 + (
-                    f"steerlex {_get(sae_cfg, 'metadata', 'steerlex', 'steerlex_version')}"
-                    if _get(sae_cfg, "metadata", "steerlex") is not None
+                    f"steerlex {dig(sae_cfg, 'metadata', 'steerlex', 'steerlex_version')}"
+                    if dig(sae_cfg, "metadata", "steerlex") is not None
                     else "another tool"
                 ),
             )
@@ -407,7 +398,7 @@ def _spread_features(
     """Without per-feature faithfulness: the sampled features (else features spread over the
     ids every method explains), in id order."""
     common = sorted(set.intersection(*(set(v) for v in explanations.values())))
-    sampled = [int(f) for f in (_get(metrics, "features") or []) if isinstance(f, int)]
+    sampled = [int(f) for f in (dig(metrics, "features") or []) if isinstance(f, int)]
     chosen = [f for f in sampled if f in set(common)][:N_SIDE_BY_SIDE]
     if len(chosen) < N_SIDE_BY_SIDE and common:
         step = max(1, len(common) // N_SIDE_BY_SIDE)
@@ -501,7 +492,7 @@ def _explanations(
 
 
 def _ci(d: Any, key: str = "auroc") -> str:
-    mean, ci = _num(_get(d, f"{key}_mean")), _get(d, f"{key}_ci")
+    mean, ci = _num(dig(d, f"{key}_mean")), dig(d, f"{key}_ci")
     if mean is None:
         return "–"
     if isinstance(ci, list) and len(ci) == 2 and all(_num(v) is not None for v in ci):
@@ -510,8 +501,8 @@ def _ci(d: Any, key: str = "auroc") -> str:
 
 
 def _summary_ci(d: Any) -> str:
-    mean = _num(_get(d, "mean"))
-    lo, hi = _num(_get(d, "ci_low")), _num(_get(d, "ci_high"))
+    mean = _num(dig(d, "mean"))
+    lo, hi = _num(dig(d, "ci_low")), _num(dig(d, "ci_high"))
     if mean is None:
         return "–"
     return f"{mean:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
@@ -533,10 +524,10 @@ def _metrics(metrics: Mapping[str, Any] | None, path: Path) -> str:
         [
             m,
             _ci(out_f.get(m)),
-            _num(_get(out_f, m, "share_above_chance")),
-            _num(_get(out_f, m, "extra", "lift_nats_mean")),
+            _num(dig(out_f, m, "share_above_chance")),
+            _num(dig(out_f, m, "extra", "lift_nats_mean")),
             _ci(in_f.get(m)),
-            _num(_get(in_f, m, "share_above_chance")),
+            _num(dig(in_f, m, "share_above_chance")),
         ]
         for m in methods
     ]
@@ -565,14 +556,14 @@ def _metrics(metrics: Mapping[str, Any] | None, path: Path) -> str:
         sup = metrics.get("superficial_share") or {}
         rows = []
         for m in methods:
-            summ = _get(fb, "methods", m, "summary")
-            listed, vocab = _num(_get(sup, m, "listed_share")), _num(_get(sup, m, "vocab_share"))
+            summ = dig(fb, "methods", m, "summary")
+            listed, vocab = _num(dig(sup, m, "listed_share")), _num(dig(sup, m, "vocab_share"))
             rows.append(
                 [
                     m,
-                    _summary_ci(_get(summ, "diversity")),
-                    _summary_ci(_get(summ, "lexical")),
-                    _summary_ci(_get(summ, "dominate")),
+                    _summary_ci(dig(summ, "diversity")),
+                    _summary_ci(dig(summ, "lexical")),
+                    _summary_ci(dig(summ, "dominate")),
                     "–" if listed is None else f"{listed:.2f} (vocabulary {_fmt(vocab, 2)})",
                 ]
             )
@@ -588,9 +579,9 @@ def _metrics(metrics: Mapping[str, Any] | None, path: Path) -> str:
     parts.append("<h3>Linguistic level of the explanations</h3>")
     if isinstance(levels, Mapping) and levels:
         bars = [
-            (m, _get(levels, m, "shares") or {})
+            (m, dig(levels, m, "shares") or {})
             for m in methods
-            if isinstance(_get(levels, m, "shares"), Mapping)
+            if isinstance(dig(levels, m, "shares"), Mapping)
         ]
         parts.append(stacked_bars_svg(bars, LEVELS))
     else:
@@ -673,28 +664,24 @@ def _defences(root: Path) -> str:
         raise ReportError(
             f"The evaluation scores {path} are not what `steerlex eval` writes ({exc!r}); {FIX}"
         ) from None
-    model = _get(scores, "model") or {}
-    counts = _get(scores, "sets", "counts", "test")
+    model = dig(scores, "model") or {}
+    counts = dig(scores, "sets", "counts", "test")
     if isinstance(counts, Mapping):
         counts = ", ".join(f"{v} {k}" for k, v in counts.items())
     parts = [
         f'<p class="note">Model {esc(model.get("spec"))}, layer {esc(scores.get("layer"))}; '
-        f"judges: {esc(_get(scores, 'judges', 'rules'))}"
-        + (
-            f" and {esc(_get(scores, 'judges', 'judge'))}"
-            if _get(scores, "judges", "judge")
-            else ""
-        )
+        f"judges: {esc(dig(scores, 'judges', 'rules'))}"
+        + (f" and {esc(dig(scores, 'judges', 'judge'))}" if dig(scores, "judges", "judge") else "")
         + f"; test prompts: {esc(counts)}.</p>",
         "<h3>Headline (test split; strengths chosen on the selection split)</h3>",
         markdown_table_html(headline),
         "<h3>Strength choice</h3><ul>",
     ]
-    chosen = _get(scores, "tuning", "chosen") or {}
+    chosen = dig(scores, "tuning", "chosen") or {}
     for name, rec in chosen.items():
-        st = _get(rec, "strength")
+        st = dig(rec, "strength")
         parts.append(
-            f"<li>{esc(name)}: {esc('–' if st is None else st)} ({esc(_get(rec, 'why'))})</li>"
+            f"<li>{esc(name)}: {esc('–' if st is None else st)} ({esc(dig(rec, 'why'))})</li>"
         )
     parts.append("</ul>")
     parts.append(
@@ -778,9 +765,9 @@ def _examples(root: Path) -> str:
             f'<p class="note">{esc(ex.get("chosen_because", ""))}; features: {feats}</p>'
             f'<div class="prompt">{esc(ex.get("prompt", ""))}</div>'
             '<div class="conv">'
-            f"<div><h4>Without a defence {_badges(_get(ex, 'unsteered', 'judges'))}</h4>"
+            f"<div><h4>Without a defence {_badges(dig(ex, 'unsteered', 'judges'))}</h4>"
             f"{_marked_reply(ex['unsteered'], features)}</div>"
-            f"<div><h4>With {esc(defence)} {_badges(_get(ex, 'steered', 'judges'))}</h4>"
+            f"<div><h4>With {esc(defence)} {_badges(dig(ex, 'steered', 'judges'))}</h4>"
             f"{_marked_reply(ex['steered'], features)}</div></div>"
         )
     return _section("examples", "Example conversations", "\n".join(parts))
@@ -812,7 +799,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         lambda: _examples(root),
     ]
     name = str(
-        _get(read_json_optional(root / "config.json", "run config"), "name") or root.resolve().name
+        dig(read_json_optional(root / "config.json", "run config"), "name") or root.resolve().name
     )
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     browser = f'<a href="{BROWSER_FILE}">feature browser</a>'
