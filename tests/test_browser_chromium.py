@@ -182,3 +182,30 @@ def test_report_in_headless_chromium_leads_with_the_most_faithful_features(
     panel = driver.find_element(By.ID, "explanation-quality").text
     assert "random words" in panel and "AUROC" in panel
     assert driver.find_elements(By.CSS_SELECTOR, "#sae svg g.dead")
+
+
+def test_report_top_screenshot(driver: Any, tiny_loaded: LoadedModel, tmp_path: Path) -> None:
+    """The report's top as a reader first sees it (the 1280x900 window). With
+    ``STEERLEX_SCREENSHOT_RUN=runs/default STEERLEX_SCREENSHOT_OUT=docs/img/report-top.png``
+    it photographs that finished run's report instead of a synthetic one: that is how the
+    picture in docs/quickstart.md and the README is made."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    real = os.environ.get("STEERLEX_SCREENSHOT_RUN")
+    if real:
+        page = Path(real) / "report.html"
+        assert page.is_file(), f"STEERLEX_SCREENSHOT_RUN={real}: no report.html there"
+    else:
+        page = build_report(make_run_dir(tmp_path / "run", tiny_loaded).root)
+    out = Path(os.environ.get("STEERLEX_SCREENSHOT_OUT") or tmp_path / "report-top.png")
+    driver.get(page.resolve().as_uri())
+    WebDriverWait(driver, WAIT_S).until(
+        ec.visibility_of_element_located((By.ID, "explanation-quality"))
+    )
+    title = driver.find_element(By.TAG_NAME, "h1")
+    assert title.is_displayed() and title.text.startswith("steerlex run report")
+    assert driver.save_screenshot(str(out))
+    width, height = png_size(out)
+    assert width >= 800 and height >= 600 and out.stat().st_size > 10_000

@@ -18,21 +18,25 @@ _DEFAULT: dict[str, Any] = {
     # the measured wall time).
     "name": "default",
     "layer": 8,
+    # Every text of the sets whose texts are long enough to be cheap per token (a short
+    # request costs the chat template's ~30 prefix tokens for its ~20 stored ones), stored
+    # as float16; a 4,096-latent SAE on about five passes over them.
     "harvest": {
-        "sources": ["benign", "harmbench", "jailbreak-wild"],
-        "limit": 64,
-        "max_length": 256,
+        "sources": ["benign", "harmbench", "strongreject", "jailbreak-wild", "dan"],
+        "limit": None,
+        "max_length": 384,
+        "dtype": "float16",
     },
     "train_sae": {
-        "d_sae": 2048,
+        "d_sae": 4096,
         "k": 32,
-        "tokens": 131072,
-        "lr": 2e-3,
+        "tokens": 1228800,
+        "lr": 5e-4,
         "warmup_steps": 25,
         "batch_size": 1024,
     },
-    "eval_sae": {"max_lm_texts": 16},
-    "explain_metrics": {"features": 24, "strengths": [1.0]},
+    "eval_sae": {"max_lm_texts": 32},
+    "explain_metrics": {"features": 48, "strengths": [1.0]},
     "select": {"safety": {"top_n": 10}, "harm": {"top_n": 10}},
     "eval": {
         "sets": {
@@ -42,16 +46,19 @@ _DEFAULT: dict[str, Any] = {
             "n_selection": 8,
             "n_tuning": 32,
         },
-        "generation": {"max_new_tokens": 32, "batch_size": 8},
+        # batches of 16: decoding on the CPU is bound by reading the weights, so a step of
+        # 16 rows costs little more than one of 8
+        "generation": {"max_new_tokens": 32, "batch_size": 16},
+        # One strength each (no tuning generations), where the full-size run
+        # (docs/results.md, "A defence built on the probe gate") saw the defences act; the
+        # arms that did nothing there (amplify 3, dense-conditional) are left to that run.
         "defences": [
             {"kind": "none"},
             {"kind": "dense", "strengths": [0.2]},
-            # strengths where the full-size run (docs/results.md) saw the defences act
-            {"kind": "amplify", "strengths": [1.5, 3.0]},
+            {"kind": "amplify", "strengths": [1.5]},
             {"kind": "amplify", "name": "amplify-data", "strengths": [1.0], "features": "data"},
-            # conditional arms gated by the harm probe (docs/results.md, "A defence that
-            # works"): the explanation-selected features that raise refusal when measured,
-            # and the refusal direction
+            # gated by the harm probe: the explanation-selected features that raise refusal
+            # when measured one by one
             {
                 "kind": "amplify",
                 "name": "amplify-ranked-conditional",
@@ -59,7 +66,6 @@ _DEFAULT: dict[str, Any] = {
                 "rank": True,
                 "strengths": [3.0],
             },
-            {"kind": "dense", "conditional": True, "strengths": [0.4]},
         ],
     },
 }
