@@ -20,7 +20,7 @@ _DEFAULT: dict[str, Any] = {
     "layer": 8,
     # Every text of the sets whose texts are long enough to be cheap per token (a short
     # request costs the chat template's ~30 prefix tokens for its ~20 stored ones), stored
-    # as float16; a 4,096-latent SAE on about five passes over them.
+    # as float16; a 4,096-latent SAE on about seven passes over them.
     "harvest": {
         "sources": ["benign", "harmbench", "strongreject", "jailbreak-wild", "dan"],
         "limit": None,
@@ -30,12 +30,12 @@ _DEFAULT: dict[str, Any] = {
     "train_sae": {
         "d_sae": 4096,
         "k": 32,
-        "tokens": 1228800,
+        "tokens": 1638400,
         "lr": 5e-4,
         "warmup_steps": 25,
         "batch_size": 1024,
     },
-    "eval_sae": {"max_lm_texts": 32},
+    "eval_sae": {"max_lm_texts": 16},
     "explain_metrics": {"features": 48, "strengths": [1.0]},
     "select": {"safety": {"top_n": 10}, "harm": {"top_n": 10}},
     "eval": {
@@ -46,9 +46,7 @@ _DEFAULT: dict[str, Any] = {
             "n_selection": 8,
             "n_tuning": 32,
         },
-        # batches of 16: decoding on the CPU is bound by reading the weights, so a step of
-        # 16 rows costs little more than one of 8
-        "generation": {"max_new_tokens": 32, "batch_size": 16},
+        "generation": {"max_new_tokens": 32, "batch_size": 8},
         # One strength each (no tuning generations), where the full-size run
         # (docs/results.md, "A defence built on the probe gate") saw the defences act; the
         # arms that did nothing there (amplify 3, dense-conditional) are left to that run.
