@@ -24,6 +24,7 @@ only cost what is new, and a killed run resumes where it stopped.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -87,15 +88,20 @@ class EvalInputs:
     judge: SafetyJudge
 
 
-def _judge_env(cfg: EvalConfig, loaded: LoadedModel) -> JudgeEnv:
+def judge_env(
+    cfg: EvalConfig, loaded: LoadedModel, loader: Callable[[str, str], LoadedModel] | None = None
+) -> JudgeEnv:
     """The judge's build environment: verdicts cached beside the generation cache, and the
-    evaluated model reused when the judge runs on the same spec."""
+    evaluated model reused when the judge runs on the same spec in the same dtype; other
+    models come from ``loader`` ((spec, dtype) → model; default: loaded from disk)."""
     cache_dir = (Path(cfg.cache).parent if cfg.cache else Path(cfg.out) / "cache") / "judge"
 
-    def model_for(spec: str) -> LoadedModel:
-        if spec == loaded.spec:
+    def model_for(spec: str, dtype: str) -> LoadedModel:
+        if spec == loaded.spec and dtype == cfg.dtype:
             return loaded
-        return load_model(spec, device=cfg.device, dtype=cfg.dtype)
+        if loader is not None:
+            return loader(spec, dtype)
+        return load_model(spec, device=cfg.device, dtype=dtype)
 
     return JudgeEnv(cfg.judge, cfg.device, cfg.dtype, cache_dir, model_for)
 
@@ -120,7 +126,7 @@ def load_inputs(
         say(log, f"loading {spec} ...")
         loaded = load_model(spec, device=cfg.device, dtype=cfg.dtype)
     if judge is None:
-        judge = make_judge(_judge_env(cfg, loaded))
+        judge = make_judge(judge_env(cfg, loaded))
     layer = cfg.layer
     if layer is None and sae is not None:
         layer = sae.cfg.layer

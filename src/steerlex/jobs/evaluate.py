@@ -9,9 +9,9 @@ from steerlex.evaluate.config import DefenceConfig, EvalConfig, default_defences
 from steerlex.evaluate.defences import DEFENCES
 from steerlex.evaluate.defences.sae import ConditionalOptions
 from steerlex.evaluate.plan import check_feature_specs, plan_defences
-from steerlex.evaluate.run import EvalResult, run_eval
+from steerlex.evaluate.run import EvalResult, judge_env, run_eval
 from steerlex.jobs.context import RunContext
-from steerlex.judges import SafetyJudge
+from steerlex.judges import SafetyJudge, make_judge
 from steerlex.models.embedded import DEFAULT_MODEL
 
 __all__ = ["eval_job", "plan_run_defences"]
@@ -29,6 +29,10 @@ def eval_job(
     check_feature_specs(cfg, plan_defences(cfg, with_sae=sae is not None), sae)
     spec = cfg.model or (sae.cfg.model_spec if sae is not None else None) or DEFAULT_MODEL
     loaded = ctx.model(spec, device=cfg.device, dtype=cfg.dtype)
+    if judge is None:  # a judge model in its own dtype comes from the run context too
+        judge = make_judge(
+            judge_env(cfg, loaded, lambda s, dt: ctx.model(s, device=cfg.device, dtype=dt))
+        )
     return run_eval(
         cfg, loaded=loaded, sae=sae, progress=ctx.progress, log=ctx.stream(), dry_run=dry_run,
         judge=judge,

@@ -37,7 +37,11 @@ class JudgeJobConfig:
         None, help="folder of cached verdicts (default: the steerlex cache's judges/)"
     )
     device: str = option("cpu", help="torch device of a judge model")
-    dtype: str = option("float32", choices=DTYPES, help="dtype of a judge model")
+    dtype: str = option(
+        "float32",
+        choices=DTYPES,
+        help="dtype of an llm or guard judge's model (a probe judge: the one its head was fitted on)",
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def judge_job(cfg: JudgeJobConfig, ctx: RunContext) -> JudgeSummary:
     cache = Path(cfg.cache) if cfg.cache else cache_root() / "judges"
     env = JudgeEnv(
         cfg.judge, cfg.device, cfg.dtype, cache,
-        lambda spec: ctx.model(spec, device=cfg.device, dtype=cfg.dtype),
+        lambda spec, dtype: ctx.model(spec, device=cfg.device, dtype=dtype),
     )  # fmt: skip
     judge = make_judge(env)
     verdicts = judge.judge_many(items, progress=ctx.progress)

@@ -123,20 +123,22 @@ class JudgeConfig:
 @dataclass
 class JudgeEnv:
     """What building a judge may use: its :class:`JudgeConfig`, the torch ``device`` and
-    ``dtype`` of a judge model, a folder for cached verdicts, and ``model_loader`` (spec →
-    loaded model; ``steerlex run`` passes its run context's, so a judge on the run's own
-    model costs no second load)."""
+    ``dtype`` of a judge model (unless the judge names its own), a folder for cached
+    verdicts, and ``model_loader`` ((spec, dtype) → loaded model; ``steerlex run`` passes its
+    run context's, so a judge on the run's own model costs no second load)."""
 
     config: JudgeConfig = field(default_factory=JudgeConfig)
     device: str = "cpu"
     dtype: str = "float32"
     cache_dir: Path | None = None
-    model_loader: Callable[[str], LoadedModel] | None = None
+    model_loader: Callable[[str, str], LoadedModel] | None = None
 
-    def load(self, spec: str) -> LoadedModel:
+    def load(self, spec: str, dtype: str | None = None) -> LoadedModel:
+        """The model ``spec`` in ``dtype`` (default: :attr:`dtype`)."""
+        dtype = dtype or self.dtype
         if self.model_loader is not None:
-            return self.model_loader(spec)
-        return load_model(spec, device=self.device, dtype=self.dtype)
+            return self.model_loader(spec, dtype)
+        return load_model(spec, device=self.device, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -295,13 +295,15 @@ class ModelJudge(CachedJudge):
 @dataclass(frozen=True)
 class ShippedJudge:
     """A model judge that ships with steerlex: the model spec it runs on and its head file
-    in :data:`HEADS_DIR` with the head's sha256 (checked on every load)."""
+    in :data:`HEADS_DIR` with the head's sha256 (checked on every load). Its model always
+    runs in ``dtype``, the one the head was fitted on (whatever the evaluated model's)."""
 
     name: str
     model: str
     head: str
     sha256: str
     description: str
+    dtype: str = "float32"
 
     @property
     def versioned(self) -> str:
@@ -312,7 +314,10 @@ class ShippedJudge:
     def build(self, env: JudgeEnv) -> ModelJudge:
         head = ProbeHead.load(HEADS_DIR / self.head, self.sha256)
         return ModelJudge(
-            env.load(self.model), name=self.versioned, head=head, cache_dir=env.cache_dir
+            env.load(self.model, self.dtype),
+            name=self.versioned,
+            head=head,
+            cache_dir=env.cache_dir,
         )  # every reply through the model: screening with the rules first agreed less
 
 
