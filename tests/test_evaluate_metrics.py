@@ -47,3 +47,16 @@ def test_calibrate_gate_threshold() -> None:
     assert t == 0.9 and j == 1.0
     with pytest.raises(EvalError, match="harmful and benign"):
         calibrate_gate([], [0.1])
+
+
+def test_the_printed_estimate_uses_the_model_dtypes_rates() -> None:
+    from steerlex.evaluate.plan import Estimate
+
+    def est(dtype: str) -> Estimate:
+        return Estimate(0, 300, 0, 0, prompt_tokens=60_000, max_new_tokens=32, dtype=dtype)
+
+    fp32, bf16 = est("float32"), est("bfloat16")
+    assert bf16.minutes < fp32.minutes / 1.5
+    assert est("float16").rates == fp32.rates  # no measured rates: float32's
+    plan = type("Plan", (), {"defences": [], "conditions": {}})()
+    assert "in bfloat16" in bf16.message(plan, "cache") and "in float32" in fp32.message(plan, "c")

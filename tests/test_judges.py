@@ -387,3 +387,37 @@ def test_model_judge_refuses_a_head_of_another_model(tiny_loaded: LoadedModel) -
                        0.5, {})  # fmt: skip
     with pytest.raises(EvalError, match="reads 5 inputs"):
         ModelJudge(tiny_loaded, name="x", head=narrow)
+
+
+def test_a_shipped_probe_judge_asks_for_the_dtype_its_head_was_fitted_on() -> None:
+    asked: list[tuple[str, str]] = []
+
+    def loader(spec: str, dtype: str) -> LoadedModel:
+        asked.append((spec, dtype))
+        raise RuntimeError("recorded")
+
+    shipped = classifier.SHIPPED[0]
+    env = JudgeEnv(JudgeConfig(name=shipped.name), dtype="bfloat16", model_loader=loader)
+    with pytest.raises(RuntimeError, match="recorded"):
+        make_judge(env)
+    assert asked == [(shipped.model, "float32")]
+
+
+def test_eval_judge_env_reuses_the_evaluated_model_only_in_its_own_dtype(
+    tiny_loaded: LoadedModel, tmp_path: Path
+) -> None:
+    from steerlex.evaluate.run import judge_env
+
+    cfg = eval_config_from_dict({"out": str(tmp_path / "eval"), "dtype": "bfloat16"})
+    other: list[tuple[str, str]] = []
+
+    def loader(spec: str, dtype: str) -> LoadedModel:
+        other.append((spec, dtype))
+        return tiny_loaded
+
+    env = judge_env(cfg, tiny_loaded, loader)
+    assert env.load(tiny_loaded.spec) is tiny_loaded  # the eval's own dtype: no second load
+    assert other == []
+    env.load(tiny_loaded.spec, "float32")
+    assert other == [(tiny_loaded.spec, "float32")]
+    assert env.cache_dir == tmp_path / "eval" / "cache" / "judge"

@@ -559,6 +559,7 @@ def test_summary_of_a_full_run(run: RunInfo) -> None:
     assert f"held-out FVE {act['fve']:.3f}" in text
     assert f"{act['n_dead']} of {act['d_sae']} latents dead" in text
     assert "topact, output AUROC 0.740 [0.610, 0.790] vs 0.5 for random words" in text
+    assert re.search(r"; input side: [\w-]+, AUROC 0\.\d{3} \[", text), text
     assert "amplify @ 2: attack success 25% [" in text and "(no defence 75%)" in text
     assert "over-refusal 0% (no defence 0%)" in text and "judged by steerlex-rules-v1" in text
     assert str(run.root / "report.html") in text and str(run.root / "eval" / "results.md") in text

@@ -33,10 +33,12 @@ __all__ = [
     "plan_defences",
 ]
 
-THROUGHPUT_ESTIMATE = 26.0
-"""New tokens per second used for the time estimate printed before a run: the default model at
-batch 8 on a 2-core CPU (docs/evaluation.md). The progress bar shows the measured rate."""
-PREFILL_ESTIMATE = 145.0
+THROUGHPUT_ESTIMATE = {"float32": 26.0, "bfloat16": 73.0}
+"""New tokens per second used for the time estimate printed before a run, by model dtype: the
+default model at batch 8 on a 2-core CPU (docs/evaluation.md; bfloat16 2.8 times float32 on a
+CPU with avx512_bf16, docs/results.md). Other dtypes use float32's. The progress bar shows the
+measured rate."""
+PREFILL_ESTIMATE = {"float32": 145.0, "bfloat16": 245.0}
 """Prompt tokens per second of a full forward pass, same setting (for the estimate only)."""
 
 
@@ -189,6 +191,13 @@ class Estimate:
     cached: int
     prompt_tokens: int
     max_new_tokens: int
+    dtype: str = "float32"
+
+    @property
+    def rates(self) -> tuple[float, float]:
+        """(new, prompt) tokens per second assumed for :attr:`dtype`."""
+        d = self.dtype if self.dtype in THROUGHPUT_ESTIMATE else "float32"
+        return THROUGHPUT_ESTIMATE[d], PREFILL_ESTIMATE[d]
 
     @property
     def total(self) -> int:
@@ -196,8 +205,8 @@ class Estimate:
 
     @property
     def minutes(self) -> float:
-        new = self.total * self.max_new_tokens
-        return (new / THROUGHPUT_ESTIMATE + self.prompt_tokens / PREFILL_ESTIMATE) / 60
+        new_rate, prompt_rate = self.rates
+        return (self.total * self.max_new_tokens / new_rate + self.prompt_tokens / prompt_rate) / 60
 
     def message(self, plan: EvalPlan, cache_path: Any) -> str:
         n_cond = sum(len(c) for c in plan.conditions.values())
@@ -207,8 +216,9 @@ class Estimate:
             f"{self.headline} headline (harmful/utility) = up to {self.total} ({self.cached} "
             f"already cached in {cache_path}); at most ~{self.total * self.max_new_tokens} new "
             f"and ~{self.prompt_tokens} prompt tokens: about {self.minutes:.0f} min at "
-            f"{THROUGHPUT_ESTIMATE:g} new and {PREFILL_ESTIMATE:g} prompt tokens/s (the default "
-            "model at batch 8 on a 2-core CPU)"
+            f"{self.rates[0]:g} new and {self.rates[1]:g} prompt tokens/s (the default "
+            f"model in {self.dtype if self.dtype in THROUGHPUT_ESTIMATE else 'float32'} at "
+            "batch 8 on a 2-core CPU)"
         )
 
 
@@ -232,6 +242,7 @@ def estimate(plan: EvalPlan, runner: GenerationRunner) -> Estimate:
         cached=runner.cached(jobs),
         prompt_tokens=prompt_tokens,
         max_new_tokens=int(runner.gen["max_new_tokens"]),
+        dtype=str(runner.steered.loaded.model.dtype).removeprefix("torch."),
     )
 
 

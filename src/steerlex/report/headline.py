@@ -81,16 +81,14 @@ def sae_text(data: Mapping[str, Any]) -> str:
 
 def explanations_text(metrics: Mapping[str, Any]) -> str | None:
     """The best method by output-side faithfulness with its AUROC and interval against random
-    words, its input-side AUROC and the runner-up; ``None`` when no method was scored."""
+    words and the runner-up, then the best on the input side (often another method: ``mi``
+    explains what a feature writes, ``mi-input`` what makes it fire); ``None`` when no method
+    was scored."""
     best = best_method(metrics, "output")
     if best is None:
         return None
     out = method_auroc(metrics, best, "output")
-    n = len(metrics.get("features") or [])
-    text = (
-        f"{best}, output AUROC {fmt_auroc(out)} vs 0.5 for random words ({verdict(out)}); "
-        f"input AUROC {fmt_auroc(method_auroc(metrics, best, 'input'))}; {n} features"
-    )
+    text = f"{best}, output AUROC {fmt_auroc(out)} vs 0.5 for random words ({verdict(out)})"
     others = [
         (v[0], m)
         for m in metrics.get("methods") or []
@@ -98,8 +96,12 @@ def explanations_text(metrics: Mapping[str, Any]) -> str | None:
     ]
     if others:
         mean, name = max(others)
-        text += f"; next {name} {mean:.3f}"
-    return text
+        text += f", next {name} {mean:.3f}"
+    best_in = best_method(metrics, "input")
+    if best_in is not None:
+        inp = method_auroc(metrics, best_in, "input")
+        text += f"; input side: {best_in}, AUROC {fmt_auroc(inp)} ({verdict(inp)})"
+    return f"{text}; {len(metrics.get('features') or [])} features"
 
 
 # --------------------------------------------------------------------------- defences
