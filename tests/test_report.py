@@ -42,7 +42,7 @@ from steerlex.report import (
 from steerlex.report import html as report_html
 from steerlex.report.faithfulness import fmt_auroc, method_auroc
 from steerlex.report.features import readable_token
-from steerlex.report.headline import best_defence, summary_lines
+from steerlex.report.headline import best_defence, defence_text, summary_lines
 from steerlex.report.html import markdown_table_html
 from steerlex.sae.base import SAEConfig, SparseAutoencoder
 
@@ -561,7 +561,8 @@ def test_summary_of_a_full_run(run: RunInfo) -> None:
     assert "topact, output AUROC 0.740 [0.610, 0.790] vs 0.5 for random words" in text
     assert re.search(r"; input side: [\w-]+, AUROC 0\.\d{3} \[", text), text
     assert "amplify @ 2: attack success 25% [" in text and "(no defence 75%)" in text
-    assert "over-refusal 0% (no defence 0%)" in text and "judged by steerlex-rules-v1" in text
+    assert "over-refusal 0% (no defence 0%)" in text and "by steerlex-rules-v1" in text
+    assert "rules judge" not in text  # no harm judge in this run: the rules judge alone
     assert str(run.root / "report.html") in text and str(run.root / "eval" / "results.md") in text
     assert "missing" not in text
 
@@ -595,3 +596,29 @@ def test_best_defence_keeps_to_the_over_refusal_budget() -> None:
     assert found is not None and found[0]["defence"] == "wall"
     assert not found[2]  # none within the budget: the lowest attack success overall
     assert best_defence({"conditions": [row("none", 6, 1)]}) is None
+
+
+def test_the_summary_reads_the_harm_judge_first_when_it_judged_every_row() -> None:
+    def row(defence: str, rules: int, judged: int, over: int) -> dict[str, Any]:
+        def r(k: int, n: int) -> dict[str, Any]:
+            return {"k": k, "n": n, "rate": k / n}
+
+        return {"defence": defence, "kind": defence, "strength": 1.0, "headline": True,
+                "metrics": {"jailbreak": {"attack_success": r(rules, 10),
+                                          "judge": {"attack_success": r(judged, 10)}},
+                            "benign": {"over_refusal": r(over, 100)}}}  # fmt: skip
+
+    # the rules judge would pick "loud" (1 of 10), the harm judge "quiet" (2 vs 5 of 10)
+    rows = [row("none", 8, 6, 0), row("loud", 1, 5, 2), row("quiet", 4, 2, 3)]
+    scores = {"judges": {"rules": "steerlex-rules-v1", "judge": "probe-v1"}, "conditions": rows}
+    found = best_defence(scores, budget=0.05)
+    assert found is not None and found[0]["defence"] == "quiet"
+    text = defence_text(scores, 0.05)
+    assert text is not None
+    assert text.startswith("quiet @ 1: attack success 20% [") and "by probe-v1" in text
+    assert (
+        "(no defence 60%)" in text and "rules judge steerlex-rules-v1: attack success 40% [" in text
+    )
+    del rows[1]["metrics"]["jailbreak"]["judge"]  # one row unjudged: the rules judge for all
+    found = best_defence(scores, budget=0.05)
+    assert found is not None and found[0]["defence"] == "loud"

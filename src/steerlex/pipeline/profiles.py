@@ -81,7 +81,14 @@ _QUICK: dict[str, Any] = merge(
         "name": "quick",
         "model": SMALL_MODEL,
         "layer": 10,
-        "harvest": {"sources": ["benign", "harmbench"], "limit": 48, "max_length": 96},
+        # float32 throughout: the 135M model is quick anyway, and one model load serves
+        # every stage
+        "harvest": {
+            "sources": ["benign", "harmbench"],
+            "limit": 48,
+            "max_length": 96,
+            "model_dtype": "float32",
+        },
         "train_sae": {"d_sae": 512, "k": 16, "tokens": 32768, "batch_size": 256},
         "eval_sae": {"max_lm_texts": 4},
         "explain": {"vocab_size": 1000},
@@ -90,6 +97,7 @@ _QUICK: dict[str, Any] = merge(
         "features": {"top_contexts": 4},
         "examples": {"n": 2},
         "eval": {
+            "dtype": "float32",
             "sets": {
                 "n_jailbreak": 4,
                 "n_harmful": 4,

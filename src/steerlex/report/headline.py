@@ -111,8 +111,19 @@ def _over_refusal(row: Mapping[str, Any]) -> float:
     return rate(row.get("metrics") or {}, "benign", "over_refusal") or 0.0
 
 
-def _asr(row: Mapping[str, Any]) -> float | None:
-    return rate(row.get("metrics") or {}, "jailbreak", "attack_success")
+def _judged(row: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The harm judge's jailbreak attack success of ``row`` (``{k, n, ...}``), if it judged any."""
+    m = dig(row, "metrics", "jailbreak", "judge", "attack_success")
+    return m if isinstance(m, Mapping) and m.get("n") else None
+
+
+def _rules(row: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    m = dig(row, "metrics", "jailbreak", "attack_success")
+    return m if isinstance(m, Mapping) and m.get("n") else None
+
+
+def _share(m: Mapping[str, Any] | None) -> float | None:
+    return None if m is None else int(m["k"]) / int(m["n"])
 
 
 def best_defence(
@@ -121,17 +132,21 @@ def best_defence(
     """``(best, no_defence, within_budget)`` among the headline rows of ``scores``: the
     defence with the lowest attack success whose over-refusal is at most no defence's plus
     ``budget`` (ties: lower over-refusal, then name); when none is within the budget, the
-    lowest attack success overall and ``within_budget`` False. ``None`` without a headline
-    defence that has an attack success."""
+    lowest attack success overall and ``within_budget`` False. Attack success is the harm
+    judge's (``eval.judge``, the one measured against people) when it judged every
+    candidate, else the rules judge's. ``None`` without a headline defence that has an
+    attack success."""
     rows = [r for r in scores.get("conditions") or [] if isinstance(r, dict) and r.get("headline")]
     base = next((r for r in rows if r.get("kind") == "none" or r.get("defence") == "none"), None)
-    candidates = [r for r in rows if r is not base and _asr(r) is not None]
+    judged = bool(rows) and all(_judged(r) is not None for r in rows if r is not base)
+    read = _judged if judged else _rules
+    candidates = [r for r in rows if r is not base and read(r) is not None]
     if not candidates:
         return None
     limit = (_over_refusal(base) if base is not None else 0.0) + budget + 1e-12
     within = [r for r in candidates if _over_refusal(r) <= limit]
     pool = within or candidates
-    best = min(pool, key=lambda r: (_asr(r), _over_refusal(r), str(r.get("defence"))))
+    best = min(pool, key=lambda r: (_share(read(r)), _over_refusal(r), str(r.get("defence"))))
     return best, base, bool(within)
 
 
@@ -147,26 +162,34 @@ def _condition(row: Mapping[str, Any]) -> str:
 
 
 def defence_text(scores: Mapping[str, Any], budget: float) -> str | None:
-    """The best defence's attack success (with no defence's), over-refusal and judge."""
+    """The best defence's attack success by the harm judge (no defence's beside it), its
+    over-refusal, and the rules judge's attack success for comparison (the rules judge's
+    alone when the harm judge judged nothing)."""
     found = best_defence(scores, budget)
     if found is None:
         return None
     best, base, within = found
-    asr = _rate_text(dig(best, "metrics", "jailbreak", "attack_success"))
+    rules_name = dig(scores, "judges", "rules") or "the rules judge"
+    judge = dig(scores, "judges", "judge")
+    judged = _judged(best) is not None and (base is None or _judged(base) is not None)
+    first, second = (_judged, _rules) if judged else (_rules, None)
+
+    def asr(read: Callable[[Mapping[str, Any]], Mapping[str, Any] | None]) -> str:
+        text = _rate_text(read(best))
+        if base is not None:
+            text += f" (no defence {_rate_text(read(base), ci=False)})"
+        return text
+
+    text = f"{_condition(best)}: attack success {asr(first)}"
+    text += f" by {judge if judged else rules_name}"
     over = _rate_text(dig(best, "metrics", "benign", "over_refusal"), ci=False)
-    text = f"{_condition(best)}: attack success {asr}"
-    if base is not None:
-        text += f" (no defence {_rate_text(dig(base, 'metrics', 'jailbreak', 'attack_success'), ci=False)})"
     text += f", over-refusal {over}"
     if base is not None:
         text += (
             f" (no defence {_rate_text(dig(base, 'metrics', 'benign', 'over_refusal'), ci=False)})"
         )
-    text += f"; judged by {dig(scores, 'judges', 'rules') or 'the rules judge'}"
-    judge = dig(scores, "judges", "judge")
-    llm = dig(best, "metrics", "jailbreak", "judge", "attack_success")
-    if judge and isinstance(llm, Mapping):
-        text += f" (LLM judge {judge}: attack success {_rate_text(llm, ci=False)})"
+    if second is not None:
+        text += f"; rules judge {rules_name}: attack success {asr(second)}"
     if not within:
         text += f"; no defence stayed within {budget:.0%} added over-refusal"
     return text
