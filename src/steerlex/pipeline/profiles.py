@@ -36,7 +36,7 @@ _DEFAULT: dict[str, Any] = {
         "d_sae": 4096,
         "k": 32,
         "tokens": 1638400,
-        "lr": 5e-4,
+        "lr": 1e-3,  # 5e-4 gave held-out FVE 0.849, 1e-3 0.866 on the same store (results.md)
         "warmup_steps": 25,
         "batch_size": 1024,
     },
@@ -89,7 +89,7 @@ _QUICK: dict[str, Any] = merge(
             "max_length": 96,
             "model_dtype": "float32",
         },
-        "train_sae": {"d_sae": 512, "k": 16, "tokens": 32768, "batch_size": 256},
+        "train_sae": {"d_sae": 512, "k": 16, "tokens": 32768, "batch_size": 256, "lr": 5e-4},
         "eval_sae": {"max_lm_texts": 4},
         "explain": {"vocab_size": 1000},
         "explain_metrics": {"features": 4, "levels": False},
